@@ -1,0 +1,185 @@
+"""Bundles and ndjson folders: building transaction bundles, reading and writing files."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from ruxo_fhir.errors import InputError
+
+Resource = dict[str, Any]
+_NS = uuid.UUID("6f1f3c1e-1b7a-4a0c-9a53-6b8f0d1e2c11")  # fixed: fullUrls are stable across runs
+
+
+def full_url(resource: Resource) -> str:
+    """A stable `urn:uuid:` fullUrl derived from Type/id."""
+    key = f"{resource['resourceType']}/{resource['id']}"
+    return f"urn:uuid:{uuid.uuid5(_NS, key)}"
+
+
+def put_entry(resource: Resource) -> dict[str, Any]:
+    """A transaction/batch entry that creates or replaces the resource at its stable id."""
+    return {
+        "fullUrl": full_url(resource),
+        "resource": resource,
+        "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
+    }
+
+
+def make_bundle(entries: list[dict[str, Any]], bundle_type: str = "transaction") -> Resource:
+    return {"resourceType": "Bundle", "type": bundle_type, "entry": entries}
+
+
+def transaction_bundle(resources: Iterable[Resource], bundle_type: str = "transaction") -> Resource:
+    return make_bundle([put_entry(r) for r in resources], bundle_type)
+
+
+def dumps(obj: Any, *, pretty: bool = False) -> bytes:
+    """Deterministic JSON bytes (insertion-ordered keys); orjson for speed."""
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 if pretty else 0)
+
+
+# --- reading ----------------------------------------------------------------------------
+
+def _load_json(path: Path) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"cannot read file ({exc.strerror})", file=str(path)) from None
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg} at line {exc.lineno})", file=str(path)) from None
+
+
+def _iter_ndjson_file(path: Path) -> Iterator[Resource]:
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"cannot read file ({exc.strerror})", file=str(path)) from None
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise InputError(f"not valid JSON ({exc.msg})", file=str(path), row=lineno) from None
+            if not isinstance(obj, dict) or "resourceType" not in obj:
+                raise InputError("line is not a FHIR resource (no resourceType)", file=str(path), row=lineno)
+            yield obj
+
+
+def ndjson_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix == ".ndjson" and p.is_file())
+
+
+def iter_resources(path: str | Path) -> Iterator[Resource]:
+    """Every resource in a Bundle JSON (any type), an .ndjson file, or a folder of .ndjson files."""
+    p = Path(path)
+    if p.is_dir():
+        files = ndjson_files(p)
+        if not files:
+            raise InputError("folder holds no .ndjson files", file=str(p))
+        for f in files:
+            yield from _iter_ndjson_file(f)
+        return
+    if not p.exists():
+        raise InputError("file not found", file=str(p))
+    if p.suffix == ".ndjson":
+        yield from _iter_ndjson_file(p)
+        return
+    data = _load_json(p)
+    if not isinstance(data, dict) or "resourceType" not in data:
+        raise InputError("not a FHIR resource or Bundle (no resourceType)", file=str(p))
+    if data["resourceType"] != "Bundle":
+        yield data
+        return
+    for i, entry in enumerate(data.get("entry") or []):
+        res = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(res, dict):
+            continue  # e.g. DELETE entries or transaction-response entries without bodies
+        if entry.get("search", {}).get("mode") == "outcome" or res.get("resourceType") == "OperationOutcome":
+            continue
+        yield res
+
+
+# --- writing (atomic: a failed run leaves no half-written output) ------------------------
+
+class BundleWriter:
+    """Collects resources and writes one Bundle JSON file atomically on `close()`."""
+
+    def __init__(self, path: Path, bundle_type: str = "transaction") -> None:
+        self.path = path
+        self.bundle_type = bundle_type
+        self._entries: list[dict[str, Any]] = []
+
+    def write(self, resource: Resource) -> None:
+        if self.bundle_type in ("transaction", "batch"):
+            self._entries.append(put_entry(resource))
+        else:
+            self._entries.append({"fullUrl": full_url(resource), "resource": resource})
+
+    def close(self) -> None:
+        data = dumps(make_bundle(self._entries, self.bundle_type), pretty=True) + b"\n"
+        atomic_write_bytes(self.path, data)
+
+    def abort(self) -> None:
+        self._entries.clear()
+
+
+class NdjsonWriter:
+    """Writes `<ResourceType>.ndjson` files into a folder (Bulk Data layout), atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        self._files: dict[str, IO[bytes]] = {}
+
+    def write(self, resource: Resource) -> None:
+        kind = resource["resourceType"]
+        fh = self._files.get(kind)
+        if fh is None:
+            fh = self._files[kind] = (self._tmp / f"{kind}.ndjson").open("wb")
+        fh.write(orjson.dumps(resource))
+        fh.write(b"\n")
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for old in ndjson_files(self.directory):
+            old.unlink()
+        for new in self._tmp.iterdir():
+            os.replace(new, self.directory / new.name)
+        self._tmp.rmdir()
+
+    def abort(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def writer_for(path: Path, fmt: str, bundle_type: str = "transaction") -> BundleWriter | NdjsonWriter:
+    if fmt == "ndjson":
+        return NdjsonWriter(path)
+    if fmt == "bundle":
+        return BundleWriter(path, bundle_type)
+    raise ValueError(f"unknown output format {fmt!r}")

@@ -1,0 +1,42 @@
+"""Logging set-up: levels from -v/-q, plain or JSON lines, on stderr only."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+_SECRETS = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+|(access_token|password|client_assertion)=([^&\s]+)")
+
+
+def redact(text: str) -> str:
+    """Last line of defence: blank out bearer tokens and secret-looking query values."""
+    return _SECRETS.sub(lambda m: (m.group(1) or f"{m.group(2)}=") + "[redacted]", text)
+
+
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(record.getMessage()),
+        }
+        return json.dumps(payload, ensure_ascii=False)
+
+
+def setup_logging(verbosity: int = 0, fmt: str = "plain") -> None:
+    """verbosity: -1 quiet (errors), 0 warnings, 1 info, 2+ debug."""
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _PlainFormatter())
+    root = logging.getLogger("ruxo_fhir")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

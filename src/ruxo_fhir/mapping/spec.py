@@ -1,0 +1,228 @@
+"""Loads and checks a mapping file (mappings/*.yaml|json): columns, code tables, identifier systems."""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ruxo_fhir.errors import MappingError
+
+Confidence = Literal["C", "P", "U"]
+_RANK = {"C": 2, "P": 1, "U": 0}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodeSpec(_Model):
+    """One coding: `system` is a short name from `systems:` or `project:<name>`, or a URI."""
+
+    system: str
+    code: str
+    display: str | None = None
+    confidence: Confidence = "C"
+
+
+class ColumnSpec(_Model):
+    required: bool = False
+    aliases: tuple[str, ...] = ()
+
+
+class LabelSpec(_Model):
+    """An indication / prior treatment / adverse event label and its codes."""
+
+    display: str
+    seed_wording: str | None = None
+    group: str | None = None
+    codes: tuple[CodeSpec, ...] = ()
+
+
+class FrequencySpec(_Model):
+    frequency: int
+    period: float
+    period_unit: str
+    text: str
+
+
+class RouteSpec(_Model):
+    text: str
+    codes: tuple[CodeSpec, ...] = ()
+
+
+class MedicationSpec(_Model):
+    text: str
+    codes: tuple[CodeSpec, ...] = ()
+    route: RouteSpec
+    frequencies: dict[str, FrequencySpec]
+
+
+class ObservationSpec(_Model):
+    code: CodeSpec | None = None
+    unit: str | None = None
+    category: str | None = None
+    higher_is_better: tuple[str, ...] = ()
+    categories: dict[str, CodeSpec] = Field(default_factory=dict)
+
+
+class ObservationsSpec(_Model):
+    improvement: ObservationSpec
+    score: ObservationSpec
+    recurrence: ObservationSpec
+    response: ObservationSpec
+
+
+class IdentifierSystems(_Model):
+    case: str
+    patient: str
+    resource: str
+
+
+class MappingSpec(_Model):
+    """A whole mapping file; `source` and `digest` say which file and which content."""
+
+    mapping_version: str
+    identifier_systems: IdentifierSystems
+    project_systems: dict[str, str]
+    min_confidence: Confidence = "P"
+    columns: dict[str, ColumnSpec]
+    sex: dict[str, Any]
+    indications: dict[str, LabelSpec]
+    body_sites: dict[str, CodeSpec] = Field(default_factory=dict)
+    prior_treatments: dict[str, LabelSpec] = Field(default_factory=dict)
+    adverse_events: dict[str, LabelSpec] = Field(default_factory=dict)
+    medication: MedicationSpec
+    observations: ObservationsSpec
+    systems: dict[str, str]
+    source: str = ""
+    digest: str = ""
+
+    @model_validator(mode="after")
+    def _check_systems(self) -> "MappingSpec":
+        for where, code in self._all_codes():
+            self.system_uri(code.system, where=where)
+        return self
+
+    def _all_codes(self) -> list[tuple[str, CodeSpec]]:
+        out: list[tuple[str, CodeSpec]] = []
+        for table_name in ("indications", "prior_treatments", "adverse_events"):
+            table: dict[str, LabelSpec] = getattr(self, table_name)
+            for label, spec in table.items():
+                out += [(f"{table_name}.{label}", c) for c in spec.codes]
+        out += [(f"body_sites.{k}", c) for k, c in self.body_sites.items()]
+        out += [("medication.codes", c) for c in self.medication.codes]
+        out += [("medication.route", c) for c in self.medication.route.codes]
+        for name in ("improvement", "score", "recurrence", "response"):
+            obs: ObservationSpec = getattr(self.observations, name)
+            if obs.code:
+                out.append((f"observations.{name}.code", obs.code))
+            out += [(f"observations.{name}.categories.{k}", c) for k, c in obs.categories.items()]
+        return out
+
+    def system_uri(self, name: str, *, where: str = "") -> str:
+        """Resolve a short system name (`snomed`, `project:outcome`) or pass a URI through."""
+        if "://" in name or name.startswith("urn:"):
+            return name
+        if name.startswith("project:"):
+            key = name.split(":", 1)[1]
+            if key in self.project_systems:
+                return self.project_systems[key]
+        elif name in self.systems:
+            return self.systems[name]
+        raise ValueError(f"unknown code system {name!r} at {where or '?'}")
+
+    def keeps(self, code: CodeSpec) -> bool:
+        """True when the code's confidence reaches `min_confidence` (U codes never do)."""
+        return code.confidence != "U" and _RANK[code.confidence] >= _RANK[self.min_confidence]
+
+    def coding(self, code: CodeSpec) -> dict[str, str]:
+        out = {"system": self.system_uri(code.system), "code": code.code}
+        if code.display:
+            out["display"] = code.display
+        return out
+
+    def codings(self, codes: tuple[CodeSpec, ...]) -> list[dict[str, str]]:
+        return [self.coding(c) for c in codes if self.keeps(c)]
+
+    def sex_code(self, raw: str) -> str | None:
+        """Normalise an input sex spelling to F/M/other/unknown, or None when unknown."""
+        value = raw.strip()
+        canonical = {k for k in self.sex if k != "aliases"}
+        for key in canonical:
+            if key.lower() == value.lower():
+                return key
+        aliases: dict[str, str] = self.sex.get("aliases", {})
+        return aliases.get(value.lower())
+
+    def gender(self, sex: str) -> str:
+        return str(self.sex[sex])
+
+    def sex_from_gender(self, gender: str) -> str:
+        for key, value in self.sex.items():
+            if key != "aliases" and value == gender:
+                return key
+        return "unknown"
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [name for name, col in self.columns.items() if col.required]
+
+    def group_of(self, label: str) -> str:
+        spec = self.indications.get(label)
+        return spec.group or label if spec else label
+
+
+def default_mapping_path() -> Path:
+    """The shipped mapping: `mappings/default.yaml` in a checkout, else the packaged copy."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "mappings" / "default.yaml"
+        if candidate.is_file():
+            return candidate
+    with resources.as_file(resources.files("ruxo_fhir") / "data" / "default.yaml") as p:
+        return Path(p)
+
+
+@lru_cache(maxsize=16)
+def _load_cached(path: str, mtime_ns: int) -> MappingSpec:
+    p = Path(path)
+    try:
+        raw_bytes = p.read_bytes()
+    except OSError as exc:
+        raise MappingError(f"cannot read mapping file ({exc.strerror})", file=path) from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(raw_bytes)
+        else:
+            data = yaml.safe_load(raw_bytes)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise MappingError(f"not valid YAML/JSON ({str(exc).splitlines()[0]})", file=path) from None
+    if not isinstance(data, dict):
+        raise MappingError("top level must be a mapping (key: value)", file=path)
+    data["source"] = str(p)
+    data["digest"] = hashlib.sha256(raw_bytes).hexdigest()
+    try:
+        return MappingSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        raise MappingError(msg, file=path, key=key or None) from None
+
+
+def load_mapping(path: str | Path | None = None) -> MappingSpec:
+    """Load a mapping file (YAML or JSON); None means the shipped default."""
+    p = Path(path) if path is not None else default_mapping_path()
+    try:
+        mtime = p.stat().st_mtime_ns
+    except OSError:
+        raise MappingError("mapping file not found", file=str(p)) from None
+    return _load_cached(str(p), mtime)

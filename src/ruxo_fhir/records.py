@@ -1,0 +1,442 @@
+"""The local case record and a forgiving, loss-free reader for spreadsheet CSV exports."""
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TextIO
+
+from ruxo_fhir.errors import InputError
+from ruxo_fhir.mapping.spec import MappingSpec
+
+CANONICAL_COLUMNS: tuple[str, ...] = (
+    "case_id", "patient_id", "sex", "birth_date", "indication", "site", "disease_onset",
+    "prior_treatments", "treatment_start", "frequency", "evaluation_date", "improvement_pct",
+    "score_name", "baseline_score", "followup_score", "adverse_events", "recurrence_after_stop",
+)
+
+_FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_YEAR_MONTH = re.compile(r"^\d{4}-\d{2}$")
+_YEAR = re.compile(r"^\d{4}$")
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
+_YES = {"yes", "y", "true", "1", "oui", "o"}
+_NO = {"no", "n", "false", "0", "non"}
+
+
+@dataclass(frozen=True, slots=True)
+class CaseRecord:
+    """One treatment course, values normalised (dates ISO strings, sex F/M/other/unknown)."""
+
+    case_id: str
+    patient_id: str
+    sex: str
+    indication: str
+    treatment_start: str
+    frequency: str
+    birth_date: str | None = None
+    site: str | None = None
+    disease_onset: str | None = None
+    prior_treatments: tuple[str, ...] = ()
+    evaluation_date: str | None = None
+    improvement_pct: Decimal | None = None
+    score_name: str | None = None
+    baseline_score: Decimal | None = None
+    followup_score: Decimal | None = None
+    adverse_events: tuple[str, ...] = ()
+    recurrence_after_stop: bool | None = None
+    row: int | None = None
+
+    def to_row(self) -> dict[str, str]:
+        """The canonical CSV row (strings; lists `;`-joined; decimals plain)."""
+        return {
+            "case_id": self.case_id,
+            "patient_id": self.patient_id,
+            "sex": self.sex,
+            "birth_date": self.birth_date or "",
+            "indication": self.indication,
+            "site": self.site or "",
+            "disease_onset": self.disease_onset or "",
+            "prior_treatments": ";".join(self.prior_treatments),
+            "treatment_start": self.treatment_start,
+            "frequency": self.frequency,
+            "evaluation_date": self.evaluation_date or "",
+            "improvement_pct": format_decimal(self.improvement_pct),
+            "score_name": self.score_name or "",
+            "baseline_score": format_decimal(self.baseline_score),
+            "followup_score": format_decimal(self.followup_score),
+            "adverse_events": ";".join(self.adverse_events),
+            "recurrence_after_stop": {True: "yes", False: "no", None: ""}[self.recurrence_after_stop],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A row that could not be accepted: its raw values, source line and the reason."""
+
+    row: int
+    values: dict[str, str]
+    column: str
+    error: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.column}: {self.error}"
+
+
+@dataclass
+class ReadReport:
+    """Counters and de-duplicated warnings of one read; accepted + rejected == total."""
+
+    file: str
+    accepted: int = 0
+    rejected: int = 0
+    encoding: str = ""
+    delimiter: str = ""
+    warnings: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.accepted + self.rejected
+
+    def warn(self, message: str) -> None:
+        self.warnings[message] = self.warnings.get(message, 0) + 1
+
+    def warning_lines(self) -> list[str]:
+        return [m if n == 1 else f"{m} ({n} rows)" for m, n in self.warnings.items()]
+
+
+def format_decimal(value: Decimal | None) -> str:
+    """Plain decimal text without exponent or trailing zeros: 85.50 -> 85.5, 1E+2 -> 100."""
+    if value is None:
+        return ""
+    text = format(value.normalize(), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+# --- file-level: encoding and delimiter -------------------------------------------------
+
+def detect_encoding(path: Path, chunk_size: int = 1 << 20) -> str:
+    """UTF-8 (with or without BOM), UTF-16 with BOM, or Windows-1252; reads in chunks."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+            if not head:
+                raise InputError("empty file", file=str(path))
+            if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                return "utf-16"
+            fh.seek(0)
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            utf8_ok = True
+            saw_nul = False
+            while chunk := fh.read(chunk_size):
+                saw_nul = saw_nul or b"\x00" in chunk
+                if utf8_ok:
+                    try:
+                        decoder.decode(chunk)
+                    except UnicodeDecodeError:
+                        utf8_ok = False
+            if saw_nul:
+                raise InputError("not a text CSV file (contains NUL bytes)", file=str(path))
+            if utf8_ok:
+                try:
+                    decoder.decode(b"", final=True)
+                    return "utf-8-sig"
+                except UnicodeDecodeError:
+                    pass
+    except OSError as exc:
+        raise InputError(f"cannot read file ({exc.strerror})", file=str(path)) from None
+    # cp1252 leaves 5 bytes undefined: a file using them is neither UTF-8 nor cp1252.
+    try:
+        with path.open("rb") as fh:
+            decoder = codecs.getincrementaldecoder("cp1252")()
+            while chunk := fh.read(chunk_size):
+                decoder.decode(chunk)
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"unreadable encoding (neither UTF-8 nor Windows-1252; byte 0x{exc.object[exc.start]:02x})",
+            file=str(path),
+        ) from None
+    return "cp1252"
+
+
+def _sniff_delimiter(header_line: str) -> str:
+    counts = {d: header_line.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+# --- row-level parsing ------------------------------------------------------------------
+
+class _RowError(Exception):
+    def __init__(self, column: str, error: str) -> None:
+        super().__init__(error)
+        self.column = column
+        self.error = error
+
+
+def _full_date(column: str, value: str) -> str:
+    if not _FULL_DATE.match(value):
+        raise _RowError(column, f"bad date {value!r} (expected YYYY-MM-DD)")
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        raise _RowError(column, f"bad date {value!r} (no such day)") from None
+    return value
+
+
+def _partial_date(column: str, value: str, allow_month: bool, allow_year: bool) -> str:
+    if _FULL_DATE.match(value):
+        return _full_date(column, value)
+    if allow_month and _YEAR_MONTH.match(value):
+        if 1 <= int(value[5:7]) <= 12:
+            return value
+        raise _RowError(column, f"bad date {value!r} (no such month)")
+    if allow_year and _YEAR.match(value):
+        return value
+    forms = "YYYY-MM-DD" + (", YYYY-MM" if allow_month else "") + (" or YYYY" if allow_year else "")
+    raise _RowError(column, f"bad date {value!r} (expected {forms})")
+
+
+def _decimal(column: str, value: str) -> Decimal:
+    text = value.replace("%", "").replace("\u00a0", "").replace(" ", "")
+    if _DECIMAL_COMMA.match(text):
+        text = text.replace(",", ".")
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise _RowError(column, f"not a number: {value!r}") from None
+    if not number.is_finite():
+        raise _RowError(column, f"not a finite number: {value!r}")
+    return number
+
+
+def _labels(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(";") if part.strip())
+
+
+def parse_row(values: dict[str, str], mapping: MappingSpec, row: int) -> CaseRecord:
+    """Validate one row's canonical values; raise _RowError naming the column and why."""
+    for column in mapping.required_columns:
+        if not values.get(column):
+            raise _RowError(column, "required value is missing")
+    sex = mapping.sex_code(values["sex"])
+    if sex is None:
+        raise _RowError("sex", f"unknown sex {values['sex']!r} (expected F, M, other or unknown)")
+    frequency = values["frequency"].upper()
+    if frequency not in mapping.medication.frequencies:
+        allowed = " or ".join(mapping.medication.frequencies)
+        raise _RowError("frequency", f"unknown frequency {values['frequency']!r} (expected {allowed})")
+    start = _full_date("treatment_start", values["treatment_start"])
+    birth = values.get("birth_date") or None
+    if birth:
+        birth = _partial_date("birth_date", birth, allow_month=False, allow_year=True)
+        if birth[:4] > start[:4] or (len(birth) == 10 and birth > start):
+            raise _RowError("birth_date", "birth date is after treatment start")
+    onset = values.get("disease_onset") or None
+    if onset:
+        onset = _partial_date("disease_onset", onset, allow_month=True, allow_year=True)
+    evaluation = values.get("evaluation_date") or None
+    if evaluation:
+        evaluation = _full_date("evaluation_date", evaluation)
+        if evaluation < start:
+            raise _RowError("evaluation_date", f"evaluation {evaluation} is before treatment start {start}")
+    improvement = None
+    if values.get("improvement_pct"):
+        improvement = _decimal("improvement_pct", values["improvement_pct"])
+        if not Decimal(-100) <= improvement <= Decimal(100):
+            raise _RowError("improvement_pct", f"{values['improvement_pct']!r} is outside -100..100")
+    scores: dict[str, Decimal | None] = {}
+    for column in ("baseline_score", "followup_score"):
+        scores[column] = None
+        if values.get(column):
+            number = _decimal(column, values[column])
+            if number < 0:
+                raise _RowError(column, f"negative score {values[column]!r}")
+            scores[column] = number
+    score_name = values.get("score_name") or None
+    if score_name is None and any(v is not None for v in scores.values()):
+        raise _RowError("score_name", "required when a baseline or follow-up score is given")
+    recurrence = None
+    if values.get("recurrence_after_stop"):
+        flag = values["recurrence_after_stop"].lower()
+        if flag not in _YES | _NO:
+            raise _RowError("recurrence_after_stop", f"expected yes or no, got {values['recurrence_after_stop']!r}")
+        recurrence = flag in _YES
+    return CaseRecord(
+        case_id=values["case_id"],
+        patient_id=values["patient_id"],
+        sex=sex,
+        birth_date=birth,
+        indication=values["indication"],
+        site=values.get("site") or None,
+        disease_onset=onset,
+        prior_treatments=_labels(values.get("prior_treatments", "")),
+        treatment_start=start,
+        frequency=frequency,
+        evaluation_date=evaluation,
+        improvement_pct=improvement,
+        score_name=score_name,
+        baseline_score=scores["baseline_score"],
+        followup_score=scores["followup_score"],
+        adverse_events=_labels(values.get("adverse_events", "")),
+        recurrence_after_stop=recurrence,
+        row=row,
+    )
+
+
+def _digest(*parts: str | None) -> bytes:
+    """A compact 8-byte key: cross-row checks keep these, not Python objects per row."""
+    return hashlib.blake2b("\x1f".join(p or "" for p in parts).encode(), digest_size=8).digest()
+
+
+class CrossRowIndex:
+    """Remembers accepted case ids and each patient's sex/birth date in compact digests."""
+
+    def __init__(self) -> None:
+        self._cases: set[bytes] = set()
+        self._patients: dict[bytes, bytes] = {}
+
+    def check(self, record: CaseRecord) -> None:
+        if _digest(record.case_id) in self._cases:
+            raise _RowError("case_id", f"duplicate case_id {record.case_id!r} (the first row wins)")
+        known = self._patients.get(_digest(record.patient_id))
+        if known is not None and known != _digest(record.sex, record.birth_date):
+            raise _RowError(
+                "patient_id",
+                f"patient {record.patient_id!r} has another sex or birth_date in an earlier row",
+            )
+
+    def add(self, record: CaseRecord) -> bool:
+        """Register an accepted record; True when its patient is new."""
+        self._cases.add(_digest(record.case_id))
+        key = _digest(record.patient_id)
+        if key in self._patients:
+            return False
+        self._patients[key] = _digest(record.sex, record.birth_date)
+        return True
+
+
+# --- the reader -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    record: CaseRecord
+    new_patient: bool
+
+
+class CaseReader:
+    """Iterates a case CSV as Accepted/Reject items; file-level problems raise InputError.
+
+    Opening checks the file (encoding, header, required columns) before anything is
+    yielded, so a caller can refuse to write anything for an unusable file.
+    """
+
+    def __init__(self, path: str | Path, mapping: MappingSpec) -> None:
+        self.path = Path(path)
+        self.mapping = mapping
+        self.report = ReadReport(file=str(self.path))
+        self.report.encoding = detect_encoding(self.path)
+        self._columns = self._read_header()
+
+    def _open(self) -> TextIO:
+        return self.path.open("r", encoding=self.report.encoding, newline="")
+
+    def _read_header(self) -> list[str | None]:
+        with self._open() as fh:
+            first = ""
+            for line in fh:
+                if line.strip():
+                    first = line
+                    break
+            if not first:
+                raise InputError("empty file (no header line)", file=str(self.path))
+        self.report.delimiter = _sniff_delimiter(first)
+        header = next(csv.reader([first], delimiter=self.report.delimiter))
+        lookup: dict[str, str] = {}
+        for name, col in self.mapping.columns.items():
+            lookup[name.lower()] = name
+            for alias in col.aliases:
+                lookup[alias.strip().lower()] = name
+        columns: list[str | None] = []
+        extras: list[str] = []
+        for raw in header:
+            key = raw.strip().lstrip("\ufeff").strip().lower()
+            canonical = lookup.get(key)
+            if canonical in columns:
+                raise InputError(f"column {raw.strip()!r} appears twice in the header", file=str(self.path), row=1)
+            columns.append(canonical)
+            if canonical is None and key:
+                extras.append(raw.strip())
+        missing = [c for c in self.mapping.required_columns if c not in columns]
+        if missing:
+            raise InputError(
+                f"missing required column(s): {', '.join(missing)} (is this a case CSV?)",
+                file=str(self.path), row=1,
+            )
+        if extras:
+            self.report.warn(f"extra column(s) ignored, kept out of FHIR: {', '.join(extras)}")
+        return columns
+
+    def __iter__(self) -> Iterator[Accepted | Reject]:
+        index = CrossRowIndex()
+        mapping = self.mapping
+        with self._open() as fh:
+            reader = csv.reader(fh, delimiter=self.report.delimiter)
+            header_seen = False
+            last_line = 0
+            try:
+                for fields in reader:
+                    start_line = last_line + 1
+                    last_line = reader.line_num
+                    if not any(f.strip() for f in fields):
+                        continue  # blank lines are not rows
+                    if not header_seen:
+                        header_seen = True
+                        continue
+                    values = self._values(fields)
+                    try:
+                        if len(fields) > len(self._columns) and any(
+                            f.strip() for f in fields[len(self._columns):]
+                        ):
+                            raise _RowError(
+                                "-", f"row has {len(fields)} fields but the header has {len(self._columns)}"
+                            )
+                        record = parse_row(values, mapping, start_line)
+                        index.check(record)
+                    except _RowError as exc:
+                        self.report.rejected += 1
+                        yield Reject(start_line, values, exc.column, exc.error)
+                        continue
+                    self._label_warnings(record)
+                    self.report.accepted += 1
+                    yield Accepted(record, index.add(record))
+            except csv.Error as exc:
+                raise InputError(f"not a readable CSV ({exc})", file=str(self.path), row=last_line + 1) from None
+            except UnicodeDecodeError as exc:
+                raise InputError(f"unreadable encoding ({exc.reason})", file=str(self.path)) from None
+
+    def _values(self, fields: list[str]) -> dict[str, str]:
+        values = dict.fromkeys(CANONICAL_COLUMNS, "")
+        for name, raw in zip(self._columns, fields):
+            if name is not None:
+                values[name] = raw.strip().lstrip("\ufeff")
+        return values
+
+    def _label_warnings(self, record: CaseRecord) -> None:
+        mapping = self.mapping
+        if record.indication not in mapping.indications:
+            self.report.warn(f"unknown indication label {record.indication!r} kept as text (no code)")
+        for label in record.prior_treatments:
+            if label not in mapping.prior_treatments:
+                self.report.warn(f"unknown prior-treatment label {label!r} kept as text (no code)")
+        for label in record.adverse_events:
+            if label not in mapping.adverse_events:
+                self.report.warn(f"unknown adverse-event label {label!r} kept as text (no code)")
