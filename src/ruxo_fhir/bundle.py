@@ -183,3 +183,64 @@ def writer_for(path: Path, fmt: str, bundle_type: str = "transaction") -> Bundle
     if fmt == "bundle":
         return BundleWriter(path, bundle_type)
     raise ValueError(f"unknown output format {fmt!r}")
+
+
+# --- preparing other tools' bundles for an idempotent push -------------------------------
+
+def _rewrite_refs(node: Any, table: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and value in table:
+                out[key] = table[value]
+            else:
+                out[key] = _rewrite_refs(value, table)
+        return out
+    if isinstance(node, list):
+        return [_rewrite_refs(v, table) for v in node]
+    return node
+
+
+def stable_ids(entries: list[dict[str, Any]]) -> list[Resource]:
+    """Give every resource a stable id and turn `urn:uuid` references into `Type/id`.
+
+    A resource without an id gets one derived from its fullUrl (or, lacking that, its
+    content), so pushing the same file twice writes the same ids and creates nothing new.
+    """
+    import hashlib
+
+    table: dict[str, str] = {}
+    prepared: list[tuple[str | None, Resource]] = []
+    for entry in entries:
+        res = entry.get("resource")
+        if not isinstance(res, dict) or "resourceType" not in res:
+            continue
+        if res.get("resourceType") == "OperationOutcome":
+            continue
+        url = entry.get("fullUrl")
+        if not res.get("id"):
+            seed = url or orjson.dumps(res, option=orjson.OPT_SORT_KEYS).decode()
+            res = {**res, "id": "u" + hashlib.sha256(seed.encode()).hexdigest()[:32]}
+        if url:
+            table[url] = f"{res['resourceType']}/{res['id']}"
+        prepared.append((url, res))
+    if not table or not any(k.startswith("urn:") for k in table):
+        return [r for _, r in prepared]
+    return [_rewrite_refs(r, table) for _, r in prepared]
+
+
+def iter_push_resources(path: str | Path) -> Iterator[Resource]:
+    """Resources to push from a Bundle (urn:uuid references resolved) or ndjson files."""
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".ndjson":
+        yield from iter_resources(p)
+        return
+    if not p.exists():
+        raise InputError("file not found", file=str(p))
+    data = _load_json(p)
+    if isinstance(data, dict) and data.get("resourceType") == "Bundle":
+        yield from stable_ids([e for e in data.get("entry") or [] if isinstance(e, dict)])
+    elif isinstance(data, dict) and "resourceType" in data:
+        yield from stable_ids([{"resource": data}])
+    else:
+        raise InputError("not a FHIR resource or Bundle (no resourceType)", file=str(p))

@@ -115,3 +115,18 @@ def import_cases(
     writer.close()
     write_rejects(rej_path, rejects)
     return result
+
+
+def source_resources(source: str | Path, mapping: MappingSpec, *, version: FhirVersion = "R4",
+                     rejects: list[Reject] | None = None) -> Iterator[Resource]:
+    """Resources from any source: a case CSV is mapped in memory, a Bundle/ndjson is read."""
+    from ruxo_fhir.bundle import iter_resources
+
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        reader = CaseReader(path, mapping)
+        sink: list[Reject] = rejects if rejects is not None else []
+        for _record, resources in case_resources(reader, mapping, version, sink.append):
+            yield from resources
+        return
+    yield from iter_resources(path)

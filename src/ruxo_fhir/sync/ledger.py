@@ -1,0 +1,83 @@
+"""The push ledger: what was pushed where, so unchanged data is not written again.
+
+A cache, never the truth: a resource is skipped only when its content hash is unchanged
+AND the server still shows the versionId we recorded (checked in batched reads), so a
+server that was reset or edited behind our back gets everything it lacks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import platformdirs
+
+
+def state_dir() -> Path:
+    """`RUXO_FHIR_STATE_DIR`, else the user state dir (e.g. ~/.local/state/ruxo-fhir)."""
+    env = os.environ.get("RUXO_FHIR_STATE_DIR")
+    return Path(env) if env else Path(platformdirs.user_state_dir("ruxo-fhir"))
+
+
+def content_hash(resource: dict[str, Any]) -> str:
+    """Hash of the resource without `meta` (servers rewrite meta on every write)."""
+    body = {k: v for k, v in resource.items() if k != "meta"}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def server_key(base_url: str) -> str:
+    return base_url.rstrip("/")
+
+
+class Ledger:
+    """sqlite (stdlib) table keyed by (server base URL, Type/id)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or state_dir() / "push-ledger.sqlite3"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS pushed (server TEXT NOT NULL, key TEXT NOT NULL, "
+            "hash TEXT NOT NULL, version_id TEXT, PRIMARY KEY (server, key))"
+        )
+        self._db.commit()
+
+    def lookup(self, server: str, keys: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+        """{Type/id: (hash, versionId)} for the keys the ledger knows."""
+        out: dict[str, tuple[str, str | None]] = {}
+        key_list = list(keys)
+        for i in range(0, len(key_list), 500):
+            part = key_list[i:i + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT key, hash, version_id FROM pushed WHERE server = ? AND key IN ({marks})",
+                [server_key(server), *part],
+            )
+            for key, digest, version in rows:
+                out[key] = (digest, version)
+        return out
+
+    def record(self, server: str, items: Iterable[tuple[str, str, str | None]]) -> None:
+        """Store (Type/id, hash, versionId) after the server confirmed the write."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO pushed (server, key, hash, version_id) VALUES (?, ?, ?, ?)",
+            [(server_key(server), k, h, v) for k, h, v in items],
+        )
+        self._db.commit()
+
+    def forget(self, server: str) -> None:
+        self._db.execute("DELETE FROM pushed WHERE server = ?", [server_key(server)])
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

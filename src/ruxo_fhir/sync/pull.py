@@ -1,0 +1,175 @@
+"""Pull: fetch the cohort (and only the cohort) from a FHIR server, paged or via Bulk Data.
+
+The cohort on a shared server = the MedicationStatements carrying the mapping's case
+identifier system, the Patients they point at, and the resources carrying the mapping's
+per-resource identifier system. Other people's resources are never pulled into cases.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from ruxo_fhir.bundle import atomic_write_bytes
+from ruxo_fhir.errors import InputError
+from ruxo_fhir.fhir_version import to_r4
+from ruxo_fhir.mapping.forward import ForwardMapper
+from ruxo_fhir.mapping.reverse import identifier_value, reference_key
+from ruxo_fhir.mapping.spec import MappingSpec
+
+log = logging.getLogger("ruxo_fhir.sync")
+Resource = dict[str, Any]
+
+PART_TYPES: tuple[str, ...] = ("Condition", "MedicationStatement", "Observation", "AdverseEvent")
+COHORT_TYPES: tuple[str, ...] = ("Patient", *PART_TYPES)
+
+
+class Client(Protocol):
+    base_url: str
+
+    def search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]: ...
+
+    def server_time(self) -> datetime | None: ...
+
+
+@dataclass
+class PullOptions:
+    since: str | None = None
+    patient: str | None = None
+    page_size: int | None = None
+
+
+@dataclass
+class PullResult:
+    counts: dict[str, int] = field(default_factory=dict)
+    started_at: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, resource_type: str) -> None:
+        self.counts[resource_type] = self.counts.get(resource_type, 0) + 1
+
+
+def _params(base: dict[str, str], opt: PullOptions) -> dict[str, str]:
+    params = dict(base)
+    if opt.since:
+        params["_lastUpdated"] = f"gt{opt.since}"
+    if opt.page_size:
+        params["_count"] = str(opt.page_size)
+    return params
+
+
+def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | None = None,
+                result: PullResult | None = None) -> Iterator[Resource]:
+    """Yield the cohort's resources page by page (every `next` link followed).
+
+    Memory: the set of the cohort's patient references, nothing per resource body.
+    """
+    opt = options or PullOptions()
+    res = result or PullResult()
+    sys = mapping.identifier_systems
+    subject: dict[str, str] = {}
+    if opt.patient:
+        matches = list(client.search("Patient", {"identifier": f"{sys.patient}|{opt.patient}"}))
+        if not matches:
+            res.warnings.append("no Patient with that patient_id on the server")
+            return
+        subject = {"subject": ",".join(f"Patient/{m['id']}" for m in matches)}
+    # 1. the cases: ruxolitinib statements carrying the case identifier system
+    patients: set[str] = set()
+    for ms in client.search("MedicationStatement", _params({"identifier": f"{sys.case}|", **subject}, opt)):
+        key = reference_key(to_r4(ms).get("subject", {}).get("reference"))
+        if key:
+            patients.add(key)
+        res.add("MedicationStatement")
+        yield ms
+    # 2. their parts: every other derived resource carries the per-resource system
+    for kind in PART_TYPES:
+        for part in client.search(kind, _params({"identifier": f"{sys.resource}|", **subject}, opt)):
+            if kind == "MedicationStatement" and identifier_value(part, sys.case):
+                continue  # already yielded as a case statement
+            key = reference_key(to_r4(part).get("subject", {}).get("reference"))
+            if key:
+                patients.add(key)
+            res.add(kind)
+            yield part
+    # 3. the Patients they point at (changed ones only on an incremental pull)
+    ids = sorted(k.split("/", 1)[1] for k in patients if k.startswith("Patient/"))
+    if opt.patient and not ids:
+        ids = [m.split("/", 1)[1] for m in subject.get("subject", "").split(",") if m]
+    for i in range(0, len(ids), 100):
+        part_ids = ids[i:i + 100]
+        params = _params({"_id": ",".join(part_ids)}, opt)
+        params.setdefault("_count", str(len(part_ids)))
+        for patient in client.search("Patient", params):
+            if identifier_value(patient, sys.patient) is None:
+                continue
+            res.add("Patient")
+            yield patient
+
+
+def filter_cohort(resources_by_type: Callable[[str], Iterator[Resource]], mapping: MappingSpec,
+                  result: PullResult | None = None) -> Iterator[Resource]:
+    """Keep only the cohort from a whole-server export (two passes over the Patients)."""
+    res = result or PullResult()
+    sys = mapping.identifier_systems
+    patients: set[str] = set()
+    for kind in PART_TYPES:
+        for resource in resources_by_type(kind):
+            is_case = kind == "MedicationStatement" and identifier_value(resource, sys.case)
+            if not is_case and not identifier_value(resource, sys.resource):
+                continue
+            key = reference_key(to_r4(resource).get("subject", {}).get("reference"))
+            if key:
+                patients.add(key)
+            res.add(kind)
+            yield resource
+    for patient in resources_by_type("Patient"):
+        if f"Patient/{patient.get('id')}" in patients and identifier_value(patient, sys.patient):
+            res.add("Patient")
+            yield patient
+
+
+def patient_server_id(mapping: MappingSpec, patient_id: str) -> str:
+    return ForwardMapper(mapping).patient_id(patient_id)
+
+
+# --- the saved cursor for nightly incremental pulls --------------------------------------
+
+def pull_start_time(client: Client) -> str:
+    """The server's clock at the start of a pull (HTTP Date), minus one second of overlap.
+
+    Re-pulling a resource twice is harmless; missing one is not, hence the overlap.
+    """
+    now = client.server_time() or datetime.now(timezone.utc)
+    return (now - timedelta(seconds=1)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_cursor(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    try:
+        data = orjson.loads(path.read_bytes())
+        value = data["since"]
+        return str(value) if value else None
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise InputError("cursor file is not ruxo-fhir cursor JSON ({\"since\": ...})", file=str(path)) from None
+
+
+def write_cursor(path: Path, server: str, since: str) -> None:
+    atomic_write_bytes(path, orjson.dumps({"server": server.rstrip("/"), "since": since},
+                                          option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def http_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None

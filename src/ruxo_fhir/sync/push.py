@@ -1,0 +1,466 @@
+"""Push: send resources to a FHIR server in reference-safe chunks, idempotently.
+
+Why PUT with stable ids (not conditional create): the ids are derived from identifiers, so
+a PUT is idempotent by construction — a lost reply, a retry or a rerun writes the same
+resource at the same id and can never create a duplicate, in transaction and batch mode
+alike, and references stay literal `Type/id` so no chunk depends on another chunk's
+`urn:uuid`. Conditional create needs the server to search before every write and breaks
+under concurrent retries (two creates racing past `If-None-Exist`).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ruxo_fhir.bundle import make_bundle, put_entry
+from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError, TemporaryServerError
+from ruxo_fhir.fhir_version import FhirVersion, server_compatibility
+from ruxo_fhir.mapping.reverse import identifier_value, identifiers
+from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.sync.ledger import Ledger, content_hash
+
+log = logging.getLogger("ruxo_fhir.sync")
+Resource = dict[str, Any]
+
+_TOO_BIG = re.compile(r"too[- ]costly|too (many|large)|exceed|maximum|limit", re.I)
+_NO_TRANSACTION = re.compile(r"transaction", re.I)
+_NOT_SUPPORTED = re.compile(r"not (supported|allowed|implemented)|only batch|batch[- ]only|unsupported", re.I)
+
+
+class Client(Protocol):
+    """The part of transport.FhirClient push needs (kept here so sync stays testable)."""
+
+    base_url: str
+
+    def capabilities(self) -> dict[str, Any]: ...
+
+    def post_bundle(self, bundle: dict[str, Any], *, idempotent: bool) -> dict[str, Any]: ...
+
+    def search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]: ...
+
+
+@dataclass
+class PushOptions:
+    batch_size: int = 200
+    mode: str = "transaction"  # "transaction" | "batch"
+    mode_explicit: bool = False  # False: a batch-only server switches the mode by itself
+    version: FhirVersion = "R4"
+    use_ledger: bool = True
+    batch_entry_retries: int = 5
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass
+class PushResult:
+    """Entry counts (created + updated + unchanged + rejected == total) and what was said."""
+
+    total: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    mode: str = "transaction"
+    batch_size: int = 0
+    bundles_sent: int = 0
+    notices: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    by_type: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+
+    def count(self, resource_type: str, outcome: str, n: int = 1) -> None:
+        setattr(self, outcome, getattr(self, outcome) + n)
+        self.by_type[resource_type][outcome] += n
+
+    @property
+    def summary_line(self) -> str:
+        return (f"created {self.created}, updated {self.updated}, unchanged {self.unchanged}, "
+                f"rejected {self.rejected}, total {self.total}")
+
+
+# --- capabilities -----------------------------------------------------------------------
+
+def server_interactions(capabilities: dict[str, Any]) -> set[str]:
+    """System-level interaction codes declared by a CapabilityStatement (e.g. transaction)."""
+    codes: set[str] = set()
+    for rest in capabilities.get("rest", []):
+        if rest.get("mode", "server") != "server":
+            continue
+        codes |= {i.get("code") for i in rest.get("interaction", []) if i.get("code")}
+    return codes
+
+
+def check_version(capabilities: dict[str, Any], version: FhirVersion) -> str | None:
+    """Refuse a server whose fhirVersion does not match; return a warning for R4B."""
+    server_version = str(capabilities.get("fhirVersion", ""))
+    if not server_version:
+        return "server CapabilityStatement declares no fhirVersion; assuming it matches"
+    verdict = server_compatibility(version, server_version)
+    if verdict == "refuse":
+        raise CapabilityError(
+            f"server speaks FHIR {server_version} but the output version is {version}; "
+            f"use --fhir-version {'R5' if version == 'R4' else 'R4'} or another server"
+        )
+    if verdict == "warn":
+        return f"server speaks FHIR {server_version} (R4B); pushing R4 resources, unchanged in R4B"
+    return None
+
+
+# --- grouping and chunking --------------------------------------------------------------
+
+def case_of(resource: Resource, mapping: MappingSpec) -> str | None:
+    sys = mapping.identifier_systems
+    case = identifier_value(resource, sys.case)
+    if case:
+        return case
+    part = identifier_value(resource, sys.resource)
+    return part.rsplit(":", 1)[0] if part and ":" in part else None
+
+
+@dataclass
+class Group:
+    """Resources that travel together: one case and the Patient(s) it brings first."""
+
+    case_id: str | None
+    resources: list[Resource]
+
+
+def group_resources(resources: Iterable[Resource], mapping: MappingSpec) -> Iterator[Group]:
+    """Consecutive resources of one case form a group; a Patient joins the case after it."""
+    pending: list[Resource] = []
+    current: Group | None = None
+    for res in resources:
+        if res.get("resourceType") == "Patient" and identifiers(res):
+            if current is not None:
+                yield current
+                current = None
+            pending.append(res)
+            continue
+        case = case_of(res, mapping)
+        if current is not None and (case is None or case != current.case_id):
+            yield current
+            current = None
+        if current is None:
+            current = Group(case, pending)
+            pending = []
+        current.resources.append(res)
+        if case is None:
+            yield current
+            current = None
+    if current is not None:
+        yield current
+    if pending:
+        yield Group(None, pending)
+
+
+def chunk_groups(groups: Iterable[Group], size: int) -> Iterator[list[Group]]:
+    """Chunks of whole groups with at most `size` entries (a larger group goes alone)."""
+    chunk: list[Group] = []
+    n = 0
+    for group in groups:
+        k = len(group.resources)
+        if chunk and n + k > size:
+            yield chunk
+            chunk, n = [], 0
+        chunk.append(group)
+        n += k
+    if chunk:
+        yield chunk
+
+
+def reference_levels(resources: list[Resource]) -> list[list[Resource]]:
+    """Split resources into levels so each only references earlier levels (batch mode)."""
+    keys = {f"{r['resourceType']}/{r['id']}": r for r in resources}
+    level: dict[str, int] = {}
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "reference" and isinstance(v, str):
+                    yield "/".join(v.split("/")[-2:])
+                else:
+                    yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    def depth(key: str, seen: frozenset[str]) -> int:
+        if key in level:
+            return level[key]
+        inside = [r for r in refs(keys[key]) if r in keys and r != key and r not in seen]
+        value = 1 + max((depth(r, seen | {key}) for r in inside), default=-1)
+        level[key] = value
+        return value
+
+    out: list[list[Resource]] = []
+    for key, res in keys.items():
+        d = depth(key, frozenset())
+        while len(out) <= d:
+            out.append([])
+        out[d].append(res)
+    return [lv for lv in out if lv]
+
+
+# --- the pusher -------------------------------------------------------------------------
+
+def _status_code(status: str | None) -> int:
+    try:
+        return int(str(status).split()[0])
+    except (ValueError, IndexError):
+        return 0
+
+
+def _version_of(response: dict[str, Any]) -> str | None:
+    etag = response.get("etag")
+    if etag:
+        return str(etag).removeprefix("W/").strip('"')
+    location = str(response.get("location") or "")
+    if "/_history/" in location:
+        return location.rsplit("/_history/", 1)[1].strip("/")
+    return None
+
+
+def _outcome_lines(outcome: dict[str, Any] | None) -> list[str]:
+    from ruxo_fhir.transport.outcome import summarize_outcome
+
+    return summarize_outcome(outcome) if outcome else []
+
+
+class Pusher:
+    """Pushes a stream of resources; one instance per run."""
+
+    def __init__(self, client: Client, mapping: MappingSpec, options: PushOptions,
+                 ledger: Ledger | None = None, on_progress: Callable[[int], None] | None = None,
+                 case_rows: dict[str, int] | None = None) -> None:
+        self.client = client
+        self.mapping = mapping
+        self.opt = options
+        self.ledger = ledger if options.use_ledger else None
+        self.on_progress = on_progress or (lambda n: None)
+        self.case_rows = case_rows or {}
+        self.result = PushResult(mode=options.mode, batch_size=options.batch_size)
+
+    # -- entry point ---------------------------------------------------------------------
+    def run(self, resources: Iterable[Resource]) -> PushResult:
+        caps = self.client.capabilities()
+        warning = check_version(caps, self.opt.version)
+        if warning:
+            self._notice(warning)
+        interactions = server_interactions(caps)
+        if self.opt.mode == "transaction" and interactions and "transaction" not in interactions:
+            if "batch" not in interactions:
+                raise CapabilityError("server declares neither transaction nor batch interactions")
+            if self.opt.mode_explicit:
+                raise CapabilityError("server does not support transactions; use --mode batch")
+            self._switch_to_batch("server declares batch but not transaction")
+        for chunk in chunk_groups(group_resources(resources, self.mapping), self.result.batch_size):
+            self._push_chunk(chunk)
+        return self.result
+
+    def _notice(self, text: str) -> None:
+        log.warning(text)
+        self.result.notices.append(text)
+
+    def _switch_to_batch(self, why: str) -> None:
+        self.result.mode = "batch"
+        self._notice(f"switching to batch mode: {why}")
+
+    # -- one chunk -----------------------------------------------------------------------
+    def _push_chunk(self, chunk: list[Group]) -> None:
+        resources = [r for g in chunk for r in g.resources]
+        self.result.total += len(resources)
+        hashes = {self._key(r): content_hash(r) for r in resources}
+        unchanged = self._unchanged(hashes)
+        for res in resources:
+            if self._key(res) in unchanged:
+                self.result.count(res["resourceType"], "unchanged")
+        todo = [Group(g.case_id, [r for r in g.resources if self._key(r) not in unchanged]) for g in chunk]
+        todo = [g for g in todo if g.resources]
+        if len(unchanged):
+            self.on_progress(len(unchanged))
+        if todo:
+            self._send(todo, hashes)
+
+    def _key(self, res: Resource) -> str:
+        return f"{res['resourceType']}/{res['id']}"
+
+    def _unchanged(self, hashes: dict[str, str]) -> set[str]:
+        """Keys whose hash matches the ledger AND whose versionId the server still shows."""
+        if self.ledger is None:
+            return set()
+        known = self.ledger.lookup(self.client.base_url, hashes)
+        candidates = {k: v for k, (h, v) in known.items() if h == hashes[k] and v}
+        if not candidates:
+            return set()
+        by_type: dict[str, list[str]] = defaultdict(list)
+        for key in candidates:
+            kind, rid = key.split("/", 1)
+            by_type[kind].append(rid)
+        same: set[str] = set()
+        for kind, ids in by_type.items():
+            for i in range(0, len(ids), 100):
+                part = ids[i:i + 100]
+                params = {"_id": ",".join(part), "_elements": "id,meta", "_count": str(len(part))}
+                for found in self.client.search(kind, params):
+                    key = f"{kind}/{found.get('id')}"
+                    if candidates.get(key) == str(found.get("meta", {}).get("versionId")):
+                        same.add(key)
+        return same
+
+    def _send(self, groups: list[Group], hashes: dict[str, str]) -> None:
+        if self.result.mode == "batch":
+            self._send_batch(groups, hashes)
+        else:
+            self._send_transaction(groups, hashes)
+
+    def _shrink(self, groups: list[Group], hashes: dict[str, str], why: str) -> bool:
+        """Halve the chunk size after a size refusal; False when it cannot get smaller."""
+        n = sum(len(g.resources) for g in groups)
+        if n <= 1 and len(groups) <= 1:
+            return False
+        new_size = max(1, min(self.result.batch_size, n) // 2)
+        if new_size < self.result.batch_size:
+            self._notice(f"server refused a bundle of {n} entries ({why}); using chunks of {new_size}")
+        self.result.batch_size = new_size
+        for sub in chunk_groups(self._split_groups(groups, new_size), new_size):
+            self._send(sub, hashes)
+        return True
+
+    @staticmethod
+    def _split_groups(groups: list[Group], size: int) -> Iterator[Group]:
+        for g in groups:
+            if len(g.resources) <= size:
+                yield g
+            else:  # keep order: referenced resources come first within a group
+                for i in range(0, len(g.resources), size):
+                    yield Group(g.case_id, g.resources[i:i + size])
+
+    def _too_big(self, exc: ServerError) -> bool:
+        return exc.status == 413 or bool(_TOO_BIG.search(" ".join(exc.issues) + " " + exc.reason)) and (
+            exc.status in (400, 413, 422)
+        )
+
+    def _send_transaction(self, groups: list[Group], hashes: dict[str, str]) -> None:
+        resources = [r for g in groups for r in g.resources]
+        bundle = make_bundle([put_entry(r) for r in resources], "transaction")
+        try:
+            self.result.bundles_sent += 1
+            response = self.client.post_bundle(bundle, idempotent=True)
+        except FatalServerError as exc:
+            text = " ".join(exc.issues) + " " + exc.reason
+            if self._too_big(exc) and self._shrink(groups, hashes, f"HTTP {exc.status}"):
+                return
+            if _NO_TRANSACTION.search(text) and _NOT_SUPPORTED.search(text) and not self.opt.mode_explicit:
+                self._switch_to_batch("the server refused a transaction bundle")
+                self._send_batch(groups, hashes)
+                return
+            if len(groups) > 1:  # isolate the failing case(s): the others still land
+                mid = len(groups) // 2
+                self._send_transaction(groups[:mid], hashes)
+                self._send_transaction(groups[mid:], hashes)
+                return
+            self._reject_group(groups[0], exc.issues or [exc.reason], exc.status)
+            return
+        entries = response.get("entry", [])
+        if len(entries) != len(resources):
+            raise ServerError(f"transaction-response has {len(entries)} entries for {len(resources)} sent")
+        self._record(resources, [e.get("response", {}) for e in entries], hashes)
+
+    def _send_batch(self, groups: list[Group], hashes: dict[str, str]) -> None:
+        resources = [r for g in groups for r in g.resources]
+        case_of_key = {self._key(r): g.case_id for g in groups for r in g.resources}
+        for level in reference_levels(resources):
+            pending = level
+            for attempt in range(self.opt.batch_entry_retries + 1):
+                pending = self._batch_round(pending, hashes, case_of_key, last=attempt == self.opt.batch_entry_retries)
+                if not pending:
+                    break
+                self.opt.sleep(min(30.0, 2.0 ** attempt))
+
+    def _batch_round(self, resources: list[Resource], hashes: dict[str, str],
+                     case_of_key: dict[str, str | None], *, last: bool) -> list[Resource]:
+        """Send one batch; returns the entries to retry (temporary per-entry failures)."""
+        size = self.result.batch_size
+        retry: list[Resource] = []
+        for i in range(0, len(resources), size):
+            part = resources[i:i + size]
+            bundle = make_bundle([put_entry(r) for r in part], "batch")
+            try:
+                self.result.bundles_sent += 1
+                response = self.client.post_bundle(bundle, idempotent=True)
+            except FatalServerError as exc:
+                if self._too_big(exc) and len(part) > 1:
+                    new_size = max(1, len(part) // 2)
+                    self._notice(f"server refused a batch of {len(part)} entries (HTTP {exc.status}); "
+                                 f"using chunks of {new_size}")
+                    self.result.batch_size = new_size
+                    retry_rest = self._batch_round(part, hashes, case_of_key, last=last)
+                    retry.extend(retry_rest)
+                    continue
+                raise
+            entries = response.get("entry", [])
+            if len(entries) != len(part):
+                raise ServerError(f"batch-response has {len(entries)} entries for {len(part)} sent")
+            ok_res, ok_resp = [], []
+            for res, entry in zip(part, entries):
+                resp = entry.get("response", {})
+                status = _status_code(resp.get("status"))
+                if 200 <= status < 300:
+                    ok_res.append(res)
+                    ok_resp.append(resp)
+                elif (status in (408, 429) or status >= 500) and not last:
+                    retry.append(res)
+                else:
+                    lines = _outcome_lines(resp.get("outcome")) or [f"HTTP {status or '?'}"]
+                    self._reject(res, case_of_key.get(self._key(res)), lines, status)
+            self._record(ok_res, ok_resp, hashes)
+        return retry
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _record(self, resources: list[Resource], responses: list[dict[str, Any]], hashes: dict[str, str]) -> None:
+        ledger_rows = []
+        for res, resp in zip(resources, responses):
+            status = _status_code(resp.get("status"))
+            if not 200 <= status < 300:
+                raise ServerError(f"transaction entry for {self._key(res)} answered {resp.get('status')!r}")
+            outcome = "created" if status == 201 else "updated"
+            self.result.count(res["resourceType"], outcome)
+            key = self._key(res)
+            ledger_rows.append((key, hashes[key], _version_of(resp)))
+        if self.ledger is not None and ledger_rows:
+            self.ledger.record(self.client.base_url, ledger_rows)
+        self.on_progress(len(resources))
+
+    def _where(self, case_id: str | None) -> str:
+        if not case_id:
+            return ""
+        row = self.case_rows.get(case_id)
+        return f"case {case_id}" + (f", row {row}" if row else "")
+
+    def _reject(self, res: Resource, case_id: str | None, lines: list[str], status: int | None) -> None:
+        self.result.count(res["resourceType"], "rejected")
+        where = self._where(case_id)
+        for line in lines:
+            self.result.errors.append(f"{self._key(res)}{f' ({where})' if where else ''}: {line}")
+        self.on_progress(1)
+
+    def _reject_group(self, group: Group, lines: list[str], status: int | None) -> None:
+        where = self._where(group.case_id)
+        for res in group.resources:
+            self.result.count(res["resourceType"], "rejected")
+        head = f"{where}: " if where else ""
+        for line in lines:
+            self.result.errors.append(f"{head}transaction rejected ({len(group.resources)} entries): {line}")
+        self.on_progress(len(group.resources))
+
+
+def push(client: Client, resources: Iterable[Resource], mapping: MappingSpec,
+         options: PushOptions | None = None, *, ledger: Ledger | None = None,
+         on_progress: Callable[[int], None] | None = None,
+         case_rows: dict[str, int] | None = None) -> PushResult:
+    """Push resources; temporary failures that outlast the retry budget raise, and a rerun
+    completes the work (nothing is lost, nothing doubled: every write is a PUT at a stable id)."""
+    return Pusher(client, mapping, options or PushOptions(), ledger, on_progress, case_rows).run(resources)
