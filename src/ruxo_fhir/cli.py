@@ -55,6 +55,9 @@ def handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except RuxoError as exc:
             fail(exc)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(0)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
@@ -231,6 +234,418 @@ def export_cmd(obj: Ctx, file: Path, output: Path, excel: bool, mapping_path: Pa
     for line in result.warnings:
         say(f"warning: {line}", obj)
     click.echo(f"wrote {result.rows} case rows to {output}", err=True)
+
+
+# --- server commands --------------------------------------------------------------------
+
+AUTH_HELP = (
+    "Auth: none|bearer|basic|smart (default: bearer when RUXO_FHIR_TOKEN is set, else none). "
+    "Bearer reads the token from RUXO_FHIR_TOKEN, basic the password from RUXO_FHIR_PASSWORD; "
+    "secrets are never taken on the command line."
+)
+
+
+def server_options(func: F) -> F:
+    opts = [
+        click.option("--server", "server", metavar="URL", help="FHIR base URL (overrides the profile)."),
+        click.option("--profile", metavar="NAME", help="Named server from the config file."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Config file (TOML). Default: RUXO_FHIR_CONFIG or the user config dir."),
+        click.option("--auth", type=click.Choice(["none", "bearer", "basic", "smart"]), default=None, help=AUTH_HELP),
+        click.option("--user", metavar="NAME", help="User for --auth basic (password: RUXO_FHIR_PASSWORD)."),
+        click.option("--client-id", metavar="ID", help="SMART Backend Services client id."),
+        click.option("--private-key", type=click.Path(dir_okay=False), metavar="PEM",
+                     help="SMART Backend Services private key (RS384/ES384)."),
+        click.option("--key-id", metavar="KID", help="JWT kid (default: the key's RFC 7638 thumbprint)."),
+        click.option("--scope", metavar="S", help="SMART scope (default: system/*.read system/*.write)."),
+        click.option("--ca-bundle", type=click.Path(dir_okay=False), metavar="FILE", help="CA bundle for TLS."),
+        click.option("--insecure", is_flag=True, help="Turn TLS verification OFF (explicit only; never default)."),
+        click.option("--timeout", type=float, default=None, help="Per-request timeout in seconds."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+SERVER_KEYS = ("server", "profile", "config_path", "auth", "user", "client_id", "private_key", "key_id",
+               "scope", "ca_bundle", "insecure", "timeout")
+
+
+def pop_server(kwargs: dict[str, Any], required: bool = True) -> Any:
+    """Settings from --profile and flags (flags win); None when no server was asked for."""
+    from ruxo_fhir.connect import resolve_settings
+
+    opts = {k: kwargs.pop(k) for k in SERVER_KEYS}
+    if not required and not opts["server"] and not opts["profile"]:
+        return None
+    return resolve_settings(opts.pop("profile"), opts.pop("config_path"), url=opts.pop("server"), **opts)
+
+
+def client_for(settings: Any) -> Any:
+    from ruxo_fhir.connect import make_client
+
+    return make_client(settings)
+
+
+class Progress:
+    """A one-line counter on a terminal; silent when stderr is not a TTY or with -q."""
+
+    def __init__(self, obj: Ctx, label: str, total: int | None = None) -> None:
+        self.on = sys.stderr.isatty() and not obj.quiet
+        self.label = label
+        self.total = total
+        self.done = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.on:
+            of = f"/{self.total}" if self.total else ""
+            click.echo(f"\r{self.label} {self.done}{of}", err=True, nl=False)
+
+    def close(self) -> None:
+        if self.on and self.done:
+            click.echo("", err=True)
+
+
+def _push_source(path: Path, mapping: MappingSpec, version: FhirVersion,
+                 case_rows: dict[str, int]) -> tuple[Any, list[Any]]:
+    """Resources to push: a case CSV is mapped on the fly (rows remembered for errors)."""
+    from ruxo_fhir.bundle import iter_push_resources
+    from ruxo_fhir.importer import case_resources
+    from ruxo_fhir.records import CaseReader, Reject
+
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        rejects: list[Reject] = []
+        out: list[dict[str, Any]] = []
+        for record, resources in case_resources(CaseReader(path, mapping), mapping, version, rejects.append):
+            case_rows[record.case_id] = record.row or 0
+            out.extend(resources)
+        return out, rejects
+    return iter_push_resources(path), []  # streamed: ndjson folders are never loaded whole
+
+
+@cli.command("push")
+@click.argument("file", type=click.Path(path_type=Path))
+@server_options
+@click.option("--batch-size", type=click.IntRange(1, 10000), default=None,
+              help="Entries per bundle (default 200, or the profile's).")
+@click.option("--mode", type=click.Choice(["transaction", "batch"]), default=None,
+              help="transaction (default; a batch-only server switches to batch by itself) or batch.")
+@version_option
+@mapping_option
+@click.option("--dry-run", is_flag=True, help="Read-only: print what would be created/updated/unchanged.")
+@click.option("--no-ledger", is_flag=True, help="Do not consult or update the local push ledger.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a JSON run report.")
+@click.pass_obj
+@handles_errors
+def push_cmd(obj: Ctx, file: Path, batch_size: int | None, mode: str | None, fhir_version: str,
+             mapping_path: Path | None, dry_run: bool, no_ledger: bool, report_path: Path | None,
+             **kwargs: Any) -> None:
+    """Push a Bundle, an ndjson folder or a case CSV to a FHIR server, idempotently.
+
+    Every resource is written with PUT at its stable id, so reruns create nothing new and an
+    interrupted push can simply be run again. A local ledger skips resources the server
+    still holds unchanged. The token comes from RUXO_FHIR_TOKEN, never from a flag.
+
+    \b
+    Example:
+      export RUXO_FHIR_TOKEN=...   # if the server needs one
+      ruxo-fhir push /tmp/bundle.json --server http://localhost:8080/fhir
+      ruxo-fhir push examples/cases.csv --profile sandbox --dry-run
+    """
+    from ruxo_fhir.runreport import RunReport
+    from ruxo_fhir.sync.ledger import Ledger
+    from ruxo_fhir.sync.plan import plan_push
+    from ruxo_fhir.sync.push import PushOptions, push
+
+    settings = pop_server(kwargs)
+    version = as_version(settings.fhir_version or fhir_version)
+    mapping = get_mapping(mapping_path)
+    run = RunReport.start("push", {"mode": mode, "batch_size": batch_size, "dry_run": dry_run,
+                                   "fhir_version": version})
+    run.server = settings.url
+    run.add_input(file)
+    run.set_mapping(mapping)
+    case_rows: dict[str, int] = {}
+    resources, rejects = _push_source(file, mapping, version, case_rows)
+    for rej in rejects:
+        say(f"warning: {file}, row {rej.row}: {rej.message} (row not pushed)", obj)
+    client = client_for(settings)
+    try:
+        if dry_run:
+            plan = plan_push(client, resources, mapping, version, case_rows)
+            for notice in plan.notices:
+                say(f"note: {notice}", obj)
+            click.echo(f"plan for {settings.url} (nothing written; validation: {plan.validated_with}):")
+            for kind in sorted(plan.by_type):
+                c = plan.by_type[kind]
+                click.echo(f"  {kind:<20} create {c['create']:>6}  update {c['update']:>6}  "
+                           f"unchanged {c['unchanged']:>6}")
+            for problem in plan.problems:
+                click.echo(f"  problem: {problem}")
+            t = plan.totals
+            run.counts.update(create=t["create"], update=t["update"], unchanged=t["unchanged"],
+                              problems=len(plan.problems))
+            run.write(report_path)
+            click.echo(f"would create {t['create']}, update {t['update']}, leave {t['unchanged']} unchanged; "
+                       f"{len(plan.problems)} problem(s)", err=True)
+            sys.exit(EXIT_REJECTED if plan.problems else EXIT_OK)
+        options = PushOptions(batch_size=batch_size or settings.batch_size or 200,
+                              mode=mode or "transaction", mode_explicit=mode is not None, version=version,
+                              use_ledger=not no_ledger)
+        progress = Progress(obj, "pushed", len(resources) if isinstance(resources, list) else None)
+        with Ledger() as ledger:
+            try:
+                result = push(client, resources, mapping, options, ledger=ledger, on_progress=progress,
+                              case_rows=case_rows)
+            finally:
+                progress.close()
+    except RuxoError as exc:
+        run.fail(exc)
+        run.write(report_path)
+        raise
+    finally:
+        client.close()
+    for line in result.errors:
+        say(f"rejected: {line}", obj)
+    run.counts.update(created=result.created, updated=result.updated, unchanged=result.unchanged,
+                      rejected=result.rejected, total=result.total, requests=client.request_count,
+                      rows_rejected=len(rejects))
+    run.warnings.extend(result.notices)
+    run.errors.extend(result.errors)
+    run.write(report_path)
+    say(f"mode {result.mode}, {result.bundles_sent} bundle(s), {client.request_count} request(s)", obj)
+    click.echo(result.summary_line, err=True)
+    sys.exit(EXIT_REJECTED if result.rejected or rejects else EXIT_OK)
+
+
+@cli.command("pull")
+@server_options
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Bundle JSON file (collection) or, with --format ndjson, a folder.")
+@click.option("--format", "fmt", type=click.Choice(["bundle", "ndjson"]), default="bundle", show_default=True)
+@click.option("--since", metavar="DATETIME", help="Only resources changed after this instant (_lastUpdated).")
+@click.option("--cursor", type=click.Path(dir_okay=False, path_type=Path),
+              help="Cursor file: read --since from it and save the new one after a good pull (nightly jobs).")
+@click.option("--patient", metavar="ID", help="Only this local patient_id.")
+@click.option("--bulk", is_flag=True, help="Use Bulk Data system $export instead of paged searches.")
+@click.option("--page-size", type=click.IntRange(1, 1000), default=None, help="_count per search page.")
+@mapping_option
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a JSON run report.")
+@click.pass_obj
+@handles_errors
+def pull_cmd(obj: Ctx, output: Path, fmt: str, since: str | None, cursor: Path | None, patient: str | None,
+             bulk: bool, page_size: int | None, mapping_path: Path | None, report_path: Path | None,
+             **kwargs: Any) -> None:
+    """Pull the cohort (and only the cohort) from a FHIR server.
+
+    The cohort is the MedicationStatements carrying the mapping's case identifier system and
+    the resources linked to them; other people's resources are never pulled. Every `next`
+    link is followed.
+
+    \b
+    Example:
+      ruxo-fhir pull --server http://localhost:8080/fhir -o /tmp/pulled.json
+      ruxo-fhir pull --profile ehr -o nightly/ --format ndjson --cursor state/ehr.cursor
+      ruxo-fhir pull --server URL -o out/ --format ndjson --bulk
+    """
+    from ruxo_fhir.bundle import writer_for
+    from ruxo_fhir.runreport import RunReport
+    from ruxo_fhir.sync.pull import (
+        COHORT_TYPES, PullOptions, PullResult, filter_cohort, pull_cohort, pull_start_time, read_cursor,
+        write_cursor,
+    )
+
+    settings = pop_server(kwargs)
+    mapping = get_mapping(mapping_path)
+    run = RunReport.start("pull", {"format": fmt, "since": since, "bulk": bulk, "patient": bool(patient)})
+    run.server = settings.url
+    run.set_mapping(mapping)
+    if cursor and not since:
+        since = read_cursor(cursor)
+    client = client_for(settings)
+    result = PullResult()
+    writer = writer_for(output, fmt, "collection")
+    progress = Progress(obj, "pulled")
+    try:
+        started = pull_start_time(client)
+        if bulk:
+            import tempfile
+
+            from ruxo_fhir.bundle import iter_resources
+            from ruxo_fhir.transport.bulk import bulk_export_to_dir
+
+            with tempfile.TemporaryDirectory(prefix="ruxo-bulk-") as tmp:
+                bulk_export_to_dir(client, list(COHORT_TYPES), since, tmp)
+
+                def by_type(kind: str) -> Any:
+                    f = Path(tmp) / f"{kind}.ndjson"
+                    return iter_resources(f) if f.exists() else iter(())
+
+                for res in filter_cohort(by_type, mapping, result):
+                    writer.write(res)
+                    progress(1)
+        else:
+            opts = PullOptions(since=since, patient=patient, page_size=page_size)
+            for res in pull_cohort(client, mapping, opts, result):
+                writer.write(res)
+                progress(1)
+        writer.close()
+    except BaseException as exc:
+        writer.abort()
+        if isinstance(exc, RuxoError):
+            run.fail(exc)
+            run.write(report_path)
+        raise
+    finally:
+        progress.close()
+        client.close()
+    if cursor:
+        write_cursor(cursor, settings.url, started)
+    for w in result.warnings:
+        say(f"warning: {w}", obj)
+    run.counts.update({f"pulled.{k}": v for k, v in result.counts.items()})
+    run.counts["requests"] = client.request_count
+    run.warnings.extend(result.warnings)
+    run.write(report_path)
+    total = sum(result.counts.values())
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
+    click.echo(f"pulled {total} resources ({detail or 'none'}) to {output}", err=True)
+
+
+@cli.command("outcomes")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@server_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default=None,
+              help="Default: table on a terminal, json otherwise.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG: improvement % per case by indication with the 40/80 thresholds.")
+@click.option("--write-back", is_flag=True,
+              help="Write each response as an Observation (to --server, or into the bundle given by -o).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --write-back and a file SOURCE: the Bundle to write the derived Observations to.")
+@mapping_option
+@click.pass_obj
+@handles_errors
+def outcomes_cmd(obj: Ctx, source: Path | None, fmt: str | None, plot_path: Path | None, write_back: bool,
+                 output: Path | None, mapping_path: Path | None, **kwargs: Any) -> None:
+    """Response per case and cohort tables with a Clopper-Pearson 95 % CI.
+
+    SOURCE is a case CSV, a Bundle JSON or an ndjson folder; or give --server (no SOURCE) to
+    read the cohort from a server. complete > 80 %, partial 40-80 %, none < 40 %; the latest
+    evaluation of a case counts.
+
+    \b
+    Example:
+      ruxo-fhir outcomes examples/cases.csv --format table
+      ruxo-fhir outcomes /tmp/bundle.json --format json --plot /tmp/outcomes.png
+      ruxo-fhir outcomes --server http://localhost:8080/fhir --write-back
+    """
+    from ruxo_fhir.importer import source_resources
+    from ruxo_fhir.outcomes import compute_outcomes, response_observation
+    from ruxo_fhir.records import Reject
+    from ruxo_fhir.report import plot, render
+
+    settings = pop_server(kwargs, required=False)
+    if (source is None) == (settings is None):
+        raise click.UsageError("give either SOURCE or --server/--profile")
+    mapping = get_mapping(mapping_path)
+    fmt = fmt or ("table" if sys.stdout.isatty() else "json")
+    client = None
+    rejects: list[Reject] = []
+    try:
+        if settings is not None:
+            from ruxo_fhir.sync.pull import pull_cohort
+
+            client = client_for(settings)
+            result = compute_outcomes(pull_cohort(client, mapping), mapping)
+        else:
+            assert source is not None
+            result = compute_outcomes(source_resources(source, mapping, rejects=rejects), mapping)
+        for rej in rejects:
+            result.warnings.append(f"row {rej.row} rejected ({rej.message}); not in the outcomes")
+        for w in result.warnings:
+            log.info("data quality: %s", w)
+        click.echo(render(result, fmt), nl=False)
+        if plot_path:
+            plot(result, plot_path)
+            say(f"plot written to {plot_path}", obj)
+        if write_back:
+            derived = [o for o in (response_observation(c, mapping) for c in result.cases) if o]
+            if client is not None:
+                from ruxo_fhir.sync.ledger import Ledger
+                from ruxo_fhir.sync.push import PushOptions, push
+
+                with Ledger() as ledger:
+                    pushed = push(client, derived, mapping, PushOptions(), ledger=ledger)
+                say(f"write-back: {pushed.summary_line}", obj)
+                if pushed.rejected:
+                    for line in pushed.errors:
+                        say(f"rejected: {line}", obj)
+                    sys.exit(EXIT_REJECTED)
+            else:
+                if output is None:
+                    raise click.UsageError("--write-back with a file SOURCE needs -o BUNDLE")
+                from ruxo_fhir.bundle import BundleWriter
+
+                bw = BundleWriter(output, "transaction")
+                for o in derived:
+                    bw.write(o)
+                bw.close()
+                say(f"write-back: {len(derived)} response Observation(s) written to {output}", obj)
+    finally:
+        if client is not None:
+            client.close()
+
+
+@cli.command("check")
+@server_options
+@version_option
+@click.pass_obj
+@handles_errors
+def check_cmd(obj: Ctx, fhir_version: str, **kwargs: Any) -> None:
+    """Say whether a server will work: reachable, TLS, FHIR version, auth, capabilities.
+
+    Exit 0 when everything push and pull need is there, 5 when something needed is missing,
+    4 when the server cannot be reached or refuses the credentials.
+
+    \b
+    Example:
+      ruxo-fhir check --server http://localhost:8080/fhir
+      ruxo-fhir check --profile sandbox
+    """
+    from ruxo_fhir.sync.plan import check_server
+
+    settings = pop_server(kwargs)
+    version = as_version(settings.fhir_version or fhir_version)
+    client = client_for(settings)
+    token_info = None
+    try:
+        auth = client.auth
+        if auth is not None and hasattr(auth, "access_token") and callable(getattr(auth, "access_token")):
+            try:
+                auth.access_token()
+                expires = getattr(auth, "expires_at", None)
+                token_info = "SMART token obtained" + (f" (expires at {expires})" if expires else "")
+            except RuxoError as exc:
+                token_info = None
+                click.echo(f"  [FAIL] auth: {exc}")
+                sys.exit(EXIT_SERVER)
+        lines = check_server(client, version, token_info)
+    finally:
+        client.close()
+    for line in lines:
+        mark = "ok" if line.ok else ("FAIL" if line.needed else "warn")
+        click.echo(f"  [{mark:>4}] {line.item}: {line.detail}")
+    if any(not ln.ok and ln.item in ("reachable", "auth") for ln in lines):
+        click.echo("server not usable (see above)", err=True)
+        sys.exit(EXIT_SERVER)
+    if any(not ln.ok and ln.needed for ln in lines):
+        click.echo("server lacks something push/pull need (see above)", err=True)
+        sys.exit(EXIT_CAPABILITY)
+    click.echo("server is usable for push and pull", err=True)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ class Client(Protocol):
 
     def search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]: ...
 
-    def server_time(self) -> datetime | None: ...
+    def request(self, method: str, url_or_path: str, *, check: bool = True) -> Any: ...
 
 
 @dataclass
@@ -146,7 +146,8 @@ def pull_start_time(client: Client) -> str:
 
     Re-pulling a resource twice is harmless; missing one is not, hence the overlap.
     """
-    now = client.server_time() or datetime.now(timezone.utc)
+    answer = client.request("GET", "metadata", check=False)
+    now = http_date(answer.headers.get("Date")) or datetime.now(timezone.utc)
     return (now - timedelta(seconds=1)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

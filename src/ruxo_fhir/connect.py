@@ -1,0 +1,125 @@
+"""Server settings: profiles from a TOML config file, overridden by flags, turned into a client.
+
+A profile names where a secret comes from (an environment variable or a key file path),
+never the secret itself.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from ruxo_fhir.errors import InputError, RuxoError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TOKEN_ENV = "RUXO_FHIR_TOKEN"
+PASSWORD_ENV = "RUXO_FHIR_PASSWORD"
+_SECRET_KEYS = {"token", "password", "secret", "access_token", "client_secret"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything needed to reach one server; flags override profile values."""
+
+    url: str | None = None
+    fhir_version: str | None = None
+    auth: str | None = None
+    token_env: str = TOKEN_ENV
+    user: str | None = None
+    password_env: str = PASSWORD_ENV
+    client_id: str | None = None
+    private_key: str | None = None
+    key_id: str | None = None
+    scope: str | None = None
+    batch_size: int | None = None
+    ca_bundle: str | None = None
+    insecure: bool = False
+    timeout: float | None = None
+    profile: str | None = None
+
+    def merged(self, **overrides: Any) -> "ServerSettings":
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None and v is not False})
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("RUXO_FHIR_CONFIG")
+    return Path(env) if env else Path(platformdirs.user_config_dir("ruxo-fhir")) / "config.toml"
+
+
+def load_profile(name: str, config: Path | None = None) -> ServerSettings:
+    """The `[servers.NAME]` table of the config file as ServerSettings."""
+    path = config or default_config_path()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"config file not found (profile {name!r} asked for)", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read config file ({exc})", file=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"not valid TOML ({exc})", file=str(path)) from None
+    servers = data.get("servers", {})
+    if name not in servers:
+        known = ", ".join(sorted(servers)) or "none"
+        raise InputError(f"no profile {name!r} (profiles: {known})", file=str(path))
+    table = dict(servers[name])
+    secrets = _SECRET_KEYS & {k.lower() for k in table}
+    if secrets:
+        raise InputError(
+            f"profile {name!r} holds a secret ({', '.join(sorted(secrets))}); name an environment "
+            "variable (token_env, password_env) or a key file instead", file=str(path),
+        )
+    allowed = {f.name for f in fields(ServerSettings)}
+    unknown = set(table) - allowed
+    if unknown:
+        raise InputError(f"profile {name!r}: unknown key(s) {', '.join(sorted(unknown))}", file=str(path))
+    return ServerSettings(**table, profile=name)
+
+
+def resolve_settings(profile: str | None, config: Path | None, **flags: Any) -> ServerSettings:
+    base = load_profile(profile, config) if profile else ServerSettings()
+    settings = base.merged(**flags)
+    if not settings.url:
+        raise RuxoError("no server given: use --server URL or --profile NAME")
+    return settings
+
+
+def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None) -> Any:
+    """A transport.FhirClient for the settings; secrets come from the environment only."""
+    from ruxo_fhir.transport.auth import auth_from_options, default_auth_kind
+    from ruxo_fhir.transport.rest import FhirClient
+
+    env = os.environ if env is None else env
+    assert settings.url
+    verify: bool | str = True
+    if settings.insecure:
+        verify = False
+    elif settings.ca_bundle:
+        if not Path(settings.ca_bundle).is_file():
+            raise InputError("CA bundle file not found", file=settings.ca_bundle)
+        verify = settings.ca_bundle
+    kind = settings.auth or ("bearer" if env.get(settings.token_env) else default_auth_kind(env))
+    auth = auth_from_options(
+        kind,
+        token=env.get(settings.token_env),
+        user=settings.user,
+        password=env.get(settings.password_env),
+        client_id=settings.client_id,
+        private_key_path=settings.private_key,
+        key_id=settings.key_id,
+        scope=settings.scope,
+        fhir_base_url=settings.url,
+        verify=verify,
+    )
+    kwargs: dict[str, Any] = {"auth": auth, "verify": verify}
+    if settings.timeout:
+        kwargs["timeout"] = settings.timeout
+    return FhirClient(settings.url, **kwargs)

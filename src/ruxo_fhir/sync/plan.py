@@ -1,0 +1,186 @@
+"""Dry-run planning and server checks: learn what a push would do, writing nothing."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ruxo_fhir.errors import RuxoError, ServerError
+from ruxo_fhir.fhir_version import FhirVersion
+from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.sync.ledger import content_hash
+from ruxo_fhir.sync.push import case_of, check_version, server_interactions
+
+Resource = dict[str, Any]
+
+
+class Client(Protocol):
+    base_url: str
+
+    def capabilities(self) -> dict[str, Any]: ...
+
+    def search(self, resource_type: str, params: dict[str, str]) -> Any: ...
+
+    def request(self, method: str, url_or_path: str, **kwargs: Any) -> Any: ...
+
+
+@dataclass
+class PushPlan:
+    by_type: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    validated_with: str = "none"
+
+    @property
+    def totals(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for c in self.by_type.values():
+            total.update(c)
+        return total
+
+
+def _server_ops(caps: dict[str, Any]) -> set[str]:
+    ops: set[str] = set()
+    for rest in caps.get("rest", []):
+        ops |= {str(o.get("name", "")).lstrip("$") for o in rest.get("operation", [])}
+        for res in rest.get("resource", []):
+            ops |= {str(o.get("name", "")).lstrip("$") for o in res.get("operation", [])}
+    return ops
+
+
+def plan_push(client: Client, resources: Iterable[Resource], mapping: MappingSpec, version: FhirVersion,
+              case_rows: dict[str, int] | None = None, chunk: int = 100) -> PushPlan:
+    """Per type: how many would be created, updated or stay unchanged; server-side validation
+    problems via `$validate` where offered. Only GETs and `$validate` POSTs are sent."""
+    plan = PushPlan()
+    caps = client.capabilities()
+    warning = check_version(caps, version)
+    if warning:
+        plan.notices.append(warning)
+    interactions = server_interactions(caps)
+    if interactions and "transaction" not in interactions:
+        plan.notices.append("server declares no transaction interaction: push would switch to batch mode")
+    can_validate = "validate" in _server_ops(caps)
+    plan.validated_with = "$validate" if can_validate else "local models only (server offers no $validate)"
+    rows = case_rows or {}
+    buffer: list[Resource] = []
+
+    def flush() -> None:
+        by_kind: dict[str, list[Resource]] = defaultdict(list)
+        for r in buffer:
+            by_kind[r["resourceType"]].append(r)
+        for kind, items in by_kind.items():
+            ids = [r["id"] for r in items]
+            found = {f.get("id"): f for f in client.search(kind, {"_id": ",".join(ids), "_count": str(len(ids))})}
+            for r in items:
+                current = found.get(r["id"])
+                if current is None:
+                    outcome = "create"
+                elif content_hash(current) == content_hash(r):
+                    outcome = "unchanged"
+                else:
+                    outcome = "update"
+                plan.by_type[kind][outcome] += 1
+                if can_validate and outcome != "unchanged":
+                    _validate_remote(client, r, mapping, rows, plan)
+        buffer.clear()
+
+    for res in resources:
+        buffer.append(res)
+        if len(buffer) >= chunk:
+            flush()
+    if buffer:
+        flush()
+    return plan
+
+
+def _validate_remote(client: Client, res: Resource, mapping: MappingSpec, rows: dict[str, int],
+                     plan: PushPlan) -> None:
+    from ruxo_fhir.transport.outcome import summarize_outcome
+
+    answer = client.request("POST", f"{res['resourceType']}/$validate", json=res, idempotent=True, check=False)
+    try:
+        body = answer.json()
+    except ValueError:
+        body = {}
+    lines = [ln for ln in summarize_outcome(body) if not ln.startswith(("information", "warning"))] \
+        if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" else []
+    if not lines and answer.status >= 400:
+        lines = [f"HTTP {answer.status}"]
+    case = case_of(res, mapping)
+    where = f" (case {case}" + (f", row {rows[case]}" if case in rows else "") + ")" if case else ""
+    for line in lines:
+        plan.problems.append(f"{res['resourceType']}/{res['id']}{where}: {line}")
+
+
+# --- check ------------------------------------------------------------------------------
+
+NEEDED_TYPES = ("Patient", "Condition", "MedicationStatement", "Observation")
+
+
+@dataclass
+class CheckLine:
+    item: str
+    ok: bool
+    detail: str
+    needed: bool = True
+
+
+def check_server(client: Client, version: FhirVersion, token_info: str | None = None) -> list[CheckLine]:
+    """One line per thing push/pull need; `ok=False and needed` means it will not work."""
+    out: list[CheckLine] = []
+    try:
+        caps = client.capabilities()
+    except ServerError as exc:
+        out.append(CheckLine("reachable", False, str(exc)))
+        return out
+    except RuxoError as exc:
+        out.append(CheckLine("reachable", False, str(exc)))
+        return out
+    scheme = client.base_url.split(":", 1)[0]
+    out.append(CheckLine("reachable", True, f"{client.base_url} answered /metadata"))
+    out.append(CheckLine("TLS", scheme == "https", "verified" if scheme == "https" else "plain http (no TLS)",
+                         needed=False))
+    server_version = str(caps.get("fhirVersion", "?"))
+    try:
+        warning = check_version(caps, version)
+        out.append(CheckLine("FHIR version", True, f"{server_version}" + (f" ({warning})" if warning else "")))
+    except RuxoError as exc:
+        out.append(CheckLine("FHIR version", False, str(exc)))
+    if token_info is not None:
+        out.append(CheckLine("auth", True, token_info))
+    try:
+        list(client.search("Patient", {"_count": "1", "_elements": "id"}))
+        out.append(CheckLine("auth", True, "authorised search (Patient?_count=1)"))
+    except ServerError as exc:
+        out.append(CheckLine("auth", False, str(exc)))
+    interactions = server_interactions(caps)
+    out.append(CheckLine("transaction", "transaction" in interactions,
+                         "declared" if "transaction" in interactions else "missing (push falls back to batch)",
+                         needed="batch" not in interactions))
+    out.append(CheckLine("batch", "batch" in interactions, "declared" if "batch" in interactions else "missing",
+                         needed="transaction" not in interactions))
+    resources = {r.get("type"): r for rest in caps.get("rest", []) for r in rest.get("resource", [])}
+    for kind in NEEDED_TYPES:
+        res = resources.get(kind)
+        if res is None:
+            out.append(CheckLine(kind, False, "resource type not declared"))
+            continue
+        codes = {i.get("code") for i in res.get("interaction", [])}
+        missing = [c for c in ("update", "read", "search-type") if c not in codes]
+        params = {p.get("name") for p in res.get("searchParam", [])}
+        out.append(CheckLine(kind, not missing, "update, read, search" if not missing
+                             else f"missing interaction(s): {', '.join(missing)}"))
+        if "_lastUpdated" not in params:
+            out.append(CheckLine(f"{kind} _lastUpdated", False, "search parameter not declared "
+                                 "(incremental pull may not work)", needed=False))
+        cond = [name for name, flag in (("conditional create", res.get("conditionalCreate")),
+                                        ("conditional update", res.get("conditionalUpdate"))) if not flag]
+        if cond:
+            out.append(CheckLine(f"{kind} conditional", False, f"not declared: {', '.join(cond)} "
+                                 "(push uses PUT with stable ids and does not need them)", needed=False))
+    ops = _server_ops(caps)
+    out.append(CheckLine("$export", "export" in ops, "declared (pull --bulk works)" if "export" in ops
+                         else "not declared (pull --bulk will not work; paged pull does)", needed=False))
+    return out
