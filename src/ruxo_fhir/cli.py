@@ -131,7 +131,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
               help="Write a JSON run report (counts, inputs with sha256, versions).")
 @click.pass_obj
 @handles_errors
-def import_cmd(obj: Ctx, cases: Path, output: Path, fmt: str, mapping_path: Path | None,
+def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: Path | None,
                fhir_version: str, rejects: Path | None, report_path: Path | None) -> None:
     """Map a case-record CSV to validated FHIR resources.
 
@@ -180,7 +180,7 @@ def import_cmd(obj: Ctx, cases: Path, output: Path, fmt: str, mapping_path: Path
 @mapping_option
 @click.pass_obj
 @handles_errors
-def validate_cmd(obj: Ctx, file: Path, fhir_version: str, mapping_path: Path | None) -> None:
+def validate_cmd(obj: Ctx, /, file: Path, fhir_version: str, mapping_path: Path | None) -> None:
     """Validate every resource in a Bundle JSON or an ndjson folder.
 
     Prints one line per problem (resource, FHIRPath-like location, reason). Exit 0 only
@@ -217,7 +217,7 @@ def validate_cmd(obj: Ctx, file: Path, fhir_version: str, mapping_path: Path | N
 @mapping_option
 @click.pass_obj
 @handles_errors
-def export_cmd(obj: Ctx, file: Path, output: Path, excel: bool, mapping_path: Path | None) -> None:
+def export_cmd(obj: Ctx, /, file: Path, output: Path, excel: bool, mapping_path: Path | None) -> None:
     """Turn a Bundle (any type) or an ndjson folder back into the canonical case CSV.
 
     Resources that are not part of a case (other people's patients and observations on a
@@ -339,7 +339,7 @@ def _push_source(path: Path, mapping: MappingSpec, version: FhirVersion,
               help="Write a JSON run report.")
 @click.pass_obj
 @handles_errors
-def push_cmd(obj: Ctx, file: Path, batch_size: int | None, mode: str | None, fhir_version: str,
+def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, fhir_version: str,
              mapping_path: Path | None, dry_run: bool, no_ledger: bool, report_path: Path | None,
              **kwargs: Any) -> None:
     """Push a Bundle, an ndjson folder or a case CSV to a FHIR server, idempotently.
@@ -436,7 +436,7 @@ def push_cmd(obj: Ctx, file: Path, batch_size: int | None, mode: str | None, fhi
               help="Write a JSON run report.")
 @click.pass_obj
 @handles_errors
-def pull_cmd(obj: Ctx, output: Path, fmt: str, since: str | None, cursor: Path | None, patient: str | None,
+def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Path | None, patient: str | None,
              bulk: bool, page_size: int | None, mapping_path: Path | None, report_path: Path | None,
              **kwargs: Any) -> None:
     """Pull the cohort (and only the cohort) from a FHIR server.
@@ -529,7 +529,7 @@ def pull_cmd(obj: Ctx, output: Path, fmt: str, since: str | None, cursor: Path |
 @mapping_option
 @click.pass_obj
 @handles_errors
-def outcomes_cmd(obj: Ctx, source: Path | None, fmt: str | None, plot_path: Path | None, write_back: bool,
+def outcomes_cmd(obj: Ctx, /, source: Path | None, fmt: str | None, plot_path: Path | None, write_back: bool,
                  output: Path | None, mapping_path: Path | None, **kwargs: Any) -> None:
     """Response per case and cohort tables with a Clopper-Pearson 95 % CI.
 
@@ -605,7 +605,7 @@ def outcomes_cmd(obj: Ctx, source: Path | None, fmt: str | None, plot_path: Path
 @version_option
 @click.pass_obj
 @handles_errors
-def check_cmd(obj: Ctx, fhir_version: str, **kwargs: Any) -> None:
+def check_cmd(obj: Ctx, /, fhir_version: str, **kwargs: Any) -> None:
     """Say whether a server will work: reachable, TLS, FHIR version, auth, capabilities.
 
     Exit 0 when everything push and pull need is there, 5 when something needed is missing,

@@ -270,7 +270,7 @@ class OutcomeCollector:
 
 
 def summarise(cases: list[CaseOutcome], warnings: list[str]) -> CohortOutcomes:
-    counts = {c: sum(1 for x in cases if x.category == c) for c in CATEGORIES}
+    counts: dict[str, int] = {c: sum(1 for x in cases if x.category == c) for c in CATEGORIES}
     evaluable = len(cases) - counts["not_evaluable"]
     responders = counts["complete"] + counts["partial"]
     rate = round(responders / evaluable, 4) if evaluable else None
@@ -283,7 +283,7 @@ def summarise(cases: list[CaseOutcome], warnings: list[str]) -> CohortOutcomes:
     by_ind: dict[str, dict[str, int]] = {}
     by_group: dict[str, int] = {}
     for c in cases:
-        row = by_ind.setdefault(c.indication, {"n": 0, **dict.fromkeys(CATEGORIES, 0)})
+        row = by_ind.setdefault(c.indication, {"n": 0, **{k: 0 for k in CATEGORIES}})
         row["n"] += 1
         row[c.category] += 1
         by_group[c.group] = by_group.get(c.group, 0) + 1

@@ -292,9 +292,9 @@ def _beta_ppf(p: float, a: int, b: int) -> float:
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Exact (Clopper–Pearson) two-sided confidence interval for a binomial proportion k / n.
 
-    Returns ``(lower, upper)`` as unrounded floats (within a few 1e-12 of the exact bounds); the lower
-    bound is 0 when k = 0 and the upper bound 1 when k = n. Raises ValueError when n < 1,
-    k is outside 0..n, or confidence is not strictly between 0 and 1.
+    Returns ``(lower, upper)`` as unrounded floats, within a few 1e-12 of the exact bounds;
+    the lower bound is 0 when k = 0 and the upper bound 1 when k = n. Raises ValueError when
+    n < 1, k is outside 0..n, or confidence is not strictly between 0 and 1.
 
     >>> [round(v, 4) for v in clopper_pearson(11, 12)]
     [0.6152, 0.9979]

@@ -156,9 +156,9 @@ def detect_encoding(path: Path, chunk_size: int = 1 << 20) -> str:
     # cp1252 leaves 5 bytes undefined: a file using them is neither UTF-8 nor cp1252.
     try:
         with path.open("rb") as fh:
-            decoder = codecs.getincrementaldecoder("cp1252")()
+            cp_decoder = codecs.getincrementaldecoder("cp1252")()
             while chunk := fh.read(chunk_size):
-                decoder.decode(chunk)
+                cp_decoder.decode(chunk)
     except UnicodeDecodeError as exc:
         raise InputError(
             f"unreadable encoding (neither UTF-8 nor Windows-1252; byte 0x{exc.object[exc.start]:02x})",

@@ -137,7 +137,9 @@ def plot(result: CohortOutcomes, path: Path) -> None:
     if s["response_rate"] is not None:
         title += f"\nresponse {s['complete'] + s['partial']}/{s['evaluable']} (95 % CI {ci[0]:.0%}-{ci[1]:.0%})"
     ax.set_title(title, fontsize=11)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLOURS.values()]
+    from matplotlib.patches import Rectangle
+
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in _COLOURS.values()]
     ax.legend(handles, ["complete", "partial", "none", "not evaluable"], loc="upper center",
               bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=4, frameon=False)
     fig.subplots_adjust(bottom=0.27, right=0.86)

@@ -1,0 +1,658 @@
+"""FHIR REST client over a requests.Session: bounded retries, one re-auth on 401, safe paging."""
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timezone
+from typing import Any, Protocol, Union, runtime_checkable
+from urllib.parse import quote, urljoin, urlsplit
+
+import orjson
+import requests
+import requests.auth
+from requests.models import PreparedRequest
+from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+from ruxo_fhir.errors import CapabilityError, FatalServerError, RuxoError, TemporaryServerError
+from ruxo_fhir.transport.outcome import (
+    TEMPORARY_STATUSES,
+    raise_for_response,
+    redact_url,
+    summarize_outcome,
+)
+
+logger = logging.getLogger("ruxo_fhir.transport")
+
+FHIR_JSON = "application/fhir+json"
+FHIR_NDJSON = "application/fhir+ndjson"
+IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+ParamValue = Union[str, int, float, Sequence[str]]
+Params = Union[Mapping[str, ParamValue], Sequence[tuple[str, str]]]
+
+# Failures of the connection itself (reset, refused, DNS, timeouts, truncated chunked bodies).
+# SSLError is a ConnectionError subclass but is handled first: a bad certificate is not transient.
+_TRANSIENT_EXCEPTIONS = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
+
+
+def _default_user_agent() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"ruxo-fhir/{version('ruxo-fhir')}"
+    except Exception:  # noqa: BLE001 - metadata missing in odd installs; a UA is cosmetic
+        return "ruxo-fhir"
+
+
+DEFAULT_USER_AGENT = _default_user_agent()
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date; None if absent/unparsable.
+
+    ``now`` is the current wall-clock time (``time.time()``), used for the HTTP-date form. Dates
+    in the past give 0.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if seconds == seconds else None  # NaN guard
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:  # pragma: no cover - older Pythons returned None instead of raising
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How ``FhirClient.request`` retries temporary failures of idempotent requests.
+
+    Temporary means HTTP 408/429/500/502/503/504 or a broken connection. Between attempts the
+    client sleeps ``Retry-After`` when the server sends one (seconds or HTTP-date), otherwise
+    ``backoff_base * 2**(n-1)`` capped at ``backoff_cap``, shortened by up to ``jitter`` (a
+    fraction, 0 = deterministic) using ``rng``.
+
+    Worst case, stated so callers can plan: at most ``max_attempts`` attempts, and at most
+    ``max_total_seconds`` of sleeping between them in total — a Retry-After longer than the budget
+    left ends the retries at once instead of being shortened. One ``request()`` therefore lasts
+    at most ``max_total_seconds + (max_attempts + 1) * timeout`` (the +1 is the single re-send
+    after a 401 re-authentication); with the defaults and a 60 s timeout: 120 + 7 * 60 = 540 s.
+    requests' timeout bounds each wait on the socket, so a server trickling bytes can stretch a
+    single attempt beyond it.
+    """
+
+    max_attempts: int = 6
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
+    max_total_seconds: float = 120.0
+    jitter: float = 0.25
+    sleep: Callable[[float], None] = time.sleep
+    rng: Callable[[], float] = random.random
+    wall_clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be at least 1")
+        if self.backoff_base < 0 or self.backoff_cap < 0 or self.max_total_seconds < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("RetryPolicy.jitter is a fraction between 0 and 1")
+
+    def backoff(self, attempt: int) -> float:
+        """Delay after the ``attempt``-th failed attempt (1-based), without Retry-After."""
+        delay = min(self.backoff_cap, self.backoff_base * 2.0 ** max(0, attempt - 1))
+        if self.jitter:
+            delay *= 1.0 - self.jitter * self.rng()
+        return delay
+
+    def next_delay(self, attempt: int, slept: float, retry_after: float | None) -> float | None:
+        """Seconds to sleep before attempt ``attempt + 1``, or None when retries are used up.
+
+        ``slept`` is what was already spent sleeping for this request.
+        """
+        remaining = self.max_total_seconds - slept
+        if attempt >= self.max_attempts or remaining <= 0:
+            return None
+        if retry_after is not None:
+            return retry_after if retry_after <= remaining else None
+        return min(self.backoff(attempt), remaining)
+
+
+@runtime_checkable
+class Refreshable(Protocol):
+    """An auth object that can fetch fresh credentials (used once after a 401)."""
+
+    def refresh(self) -> None: ...
+
+
+class InvalidJSONError(FatalServerError, ValueError):
+    """A response body that should be JSON is empty or malformed.
+
+    Also a ValueError (like requests' own JSONDecodeError), so ``except ValueError`` around
+    ``Response.json()`` keeps working.
+    """
+
+
+@dataclass(frozen=True)
+class Response:
+    """A finished HTTP exchange: status, case-insensitive headers, body bytes and the final URL."""
+
+    status: int
+    headers: CaseInsensitiveDict[str]
+    body: bytes
+    url: str
+
+    def json(self) -> Any:
+        """The body parsed as JSON; InvalidJSONError (a FatalServerError and ValueError) otherwise."""
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError as exc:
+            what = "empty" if not self.body.strip() else "not valid JSON"
+            raise InvalidJSONError(
+                f"response body is {what}", status=self.status, url=redact_url(self.url)
+            ) from exc
+
+    def json_or_empty(self) -> dict[str, Any]:
+        """The JSON object in the body, or {} when the body is empty (e.g. Prefer: return=minimal)."""
+        if not self.body.strip():
+            return {}
+        doc = self.json()
+        if not isinstance(doc, dict):
+            raise FatalServerError("response body is not a JSON object", status=self.status, url=redact_url(self.url))
+        return doc
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _was_not_sent(exc: BaseException) -> bool:
+    """True when the failure happened before any byte of the request left (safe to resend any method)."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
+        inner = exc.args[0]
+        # NewConnectionError covers refused connections and (urllib3 2) DNS failures.
+        return isinstance(inner, MaxRetryError) and isinstance(inner.reason, NewConnectionError)
+    return False
+
+
+def _log_target(url: str, params: Params | None) -> str:
+    """Path plus parameter NAMES (values may be PHI) for logs and error messages."""
+    prepared = PreparedRequest()
+    try:
+        prepared.prepare_url(url, params)
+        full = prepared.url or url
+    except requests.exceptions.RequestException:
+        full = url
+    return redact_url(full)
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Non-empty lines (without line ending) from a stream of byte chunks, linear in the input."""
+    parts: list[bytes] = []
+    for chunk in chunks:
+        if not chunk:
+            continue
+        pieces = chunk.split(b"\n")
+        if len(pieces) == 1:
+            parts.append(chunk)
+            continue
+        parts.append(pieces[0])
+        first = b"".join(parts).rstrip(b"\r")
+        if first:
+            yield first
+        for piece in pieces[1:-1]:
+            piece = piece.rstrip(b"\r")
+            if piece:
+                yield piece
+        parts = [pieces[-1]]
+    last = b"".join(parts).rstrip(b"\r")
+    if last:
+        yield last
+
+
+@dataclass
+class _Sending:
+    """One logical request as the retry loop re-sends it."""
+
+    method: str
+    url: str
+    target: str  # redacted: path and parameter names only
+    params: Params | None
+    case_id: str | None
+    stream: bool
+    body: bytes | str | Mapping[str, str] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A connection-level failure: the error to raise, its cause, and whether bytes may have left."""
+
+    error: TemporaryServerError
+    cause: BaseException
+    sent: bool
+
+
+class FhirClient:
+    """A FHIR R4 REST client bound to one server base URL.
+
+    The only code in ruxo-fhir that speaks HTTP. Requests are retried per ``retry``
+    (RetryPolicy) when idempotent; a 401 triggers one ``auth.refresh()`` (when the auth object
+    has one) that is not counted as a retry. ``request_count`` counts HTTP requests sent to
+    the FHIR server (every attempt; token-endpoint calls of the auth object are not counted).
+    Credentials are only ever sent to the base URL's origin (scheme, host, port).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: requests.auth.AuthBase | None = None,
+        verify: bool | str = True,
+        timeout: float = 60,
+        retry: RetryPolicy | None = None,
+        user_agent: str = DEFAULT_USER_AGENT,
+        session: requests.Session | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RuxoError(f"FHIR base URL must be an http:// or https:// URL with a host, got {redact_url(base_url)!r}")
+        if parts.query or parts.fragment:
+            raise RuxoError("FHIR base URL must not carry a query or fragment")
+        self.base_url = base_url.rstrip("/")
+        self.auth = auth
+        # TLS verification stays on unless the caller passes verify=False; a str is a CA bundle path.
+        self.verify = verify
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.request_count = 0
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = user_agent
+        self.session.headers["Accept"] = FHIR_JSON
+        self._capabilities: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"FhirClient({self.base_url!r})"
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying connection pool."""
+        self.session.close()
+
+    # -- URLs -----------------------------------------------------------------------------
+
+    def url(self, url_or_path: str) -> str:
+        """An absolute URL: absolute input as is, otherwise relative to the base URL."""
+        if urlsplit(url_or_path).scheme:
+            return url_or_path
+        return f"{self.base_url}/{url_or_path.lstrip('/')}"
+
+    def is_same_origin(self, url: str) -> bool:
+        """Whether ``url`` is on the FHIR server's origin (same scheme, host and port)."""
+        return _origin(self.url(url)) == _origin(self.base_url)
+
+    def _require_same_origin(self, url: str, what: str) -> None:
+        if not self.is_same_origin(url):
+            host = urlsplit(url).hostname or "?"
+            raise FatalServerError(
+                f"refusing to send {what} to {host}: not the FHIR server's origin "
+                f"({urlsplit(self.base_url).hostname})",
+                url=redact_url(url),
+            )
+
+    # -- core ------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        url_or_path: str,
+        *,
+        params: Params | None = None,
+        json: Any = None,
+        data: bytes | str | Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+        authenticate: bool = True,
+        check: bool = True,
+        case_id: str | None = None,
+    ) -> Response:
+        """Send one request (with retries) and return the answer.
+
+        ``idempotent`` defaults to True for GET/HEAD/OPTIONS/PUT/DELETE and False otherwise; only
+        idempotent requests are retried after a temporary status or a connection failure once
+        the request may have reached the server (a failure to connect at all is retried for any
+        method). Pass ``idempotent=True`` for a POST that is safe to repeat, e.g. a transaction
+        of PUTs with stable ids or a conditional create. ``authenticate=False`` sends no
+        credentials (and allows another origin). With ``check`` (default) an error status raises
+        via ``raise_for_response``; with ``check=False`` the final answer is returned whatever
+        its status. ``case_id`` is attached to raised errors.
+        """
+        raw = self._send(
+            method,
+            url_or_path,
+            params=params,
+            json=json,
+            data=data,
+            headers=headers,
+            idempotent=idempotent,
+            authenticate=authenticate,
+            check=check,
+            case_id=case_id,
+            stream=False,
+        )
+        return Response(status=raw.status_code, headers=raw.headers, body=raw.content, url=raw.url)
+
+    def iter_lines(
+        self,
+        url_or_path: str,
+        *,
+        authenticate: bool = True,
+        headers: Mapping[str, str] | None = None,
+        chunk_size: int = 64 * 1024,
+    ) -> Iterator[bytes]:
+        """Stream a GET response as non-empty lines (bytes, line ending removed); constant memory.
+
+        A connection broken mid-stream is resumed by requesting the URL again and skipping the
+        lines already yielded (meant for static files such as bulk-export ndjson), within the
+        same RetryPolicy bounds as ``request``.
+        """
+        yielded = 0
+        failures = 0
+        slept = 0.0
+        while True:
+            raw = self._send(
+                "GET",
+                url_or_path,
+                params=None,
+                json=None,
+                data=None,
+                headers=headers,
+                idempotent=True,
+                authenticate=authenticate,
+                check=True,
+                case_id=None,
+                stream=True,
+            )
+            skip = yielded
+            try:
+                with raw:
+                    for line in _split_lines(raw.iter_content(chunk_size)):
+                        if skip:
+                            skip -= 1
+                            continue
+                        yield line
+                        yielded += 1
+                return
+            except _TRANSIENT_EXCEPTIONS as exc:
+                failures += 1
+                target = redact_url(self.url(url_or_path))
+                delay = self.retry.next_delay(failures, slept, None)
+                if delay is None:
+                    raise TemporaryServerError(
+                        f"{type(exc).__name__} while downloading {target} (after {failures} breaks)",
+                        url=target,
+                    ) from exc
+                logger.warning(
+                    "download of %s broke after %d lines (%s); resuming in %.1f s",
+                    target, yielded, type(exc).__name__, delay,
+                )
+                self.retry.sleep(delay)
+                slept += delay
+
+    def _send(
+        self,
+        method: str,
+        url_or_path: str,
+        *,
+        params: Params | None,
+        json: Any,
+        data: bytes | str | Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        idempotent: bool | None,
+        authenticate: bool,
+        check: bool,
+        case_id: str | None,
+        stream: bool,
+    ) -> requests.Response:
+        """The retry loop around ``_attempt``: retries, one re-auth on 401, final status check."""
+        method = method.upper()
+        url = self.url(url_or_path)
+        if authenticate:
+            self._require_same_origin(url, "a request with credentials")
+        retryable = idempotent if idempotent is not None else method in IDEMPOTENT_METHODS
+        sending = _Sending(method, url, _log_target(url, params), params, case_id, stream)
+        sending.body = orjson.dumps(json) if json is not None else data
+        sending.headers = dict(headers or {})
+        if sending.body is not None and not any(k.lower() == "content-type" for k in sending.headers):
+            sending.headers["Content-Type"] = FHIR_JSON
+        auth = self.auth if authenticate else None
+
+        attempt, slept, reauthenticated = 0, 0.0, False
+        while True:
+            attempt += 1
+            outcome = self._attempt(sending, auth)
+            if isinstance(outcome, _Failure):
+                if outcome.sent and not retryable:
+                    raise outcome.error from outcome.cause
+                delay = self.retry.next_delay(attempt, slept, None)
+                if delay is None:
+                    raise outcome.error from outcome.cause
+                why = type(outcome.cause).__name__
+            else:
+                resp = outcome
+                if resp.status_code == 401 and not reauthenticated and isinstance(auth, Refreshable):
+                    # One re-authentication per request, not counted as a retry. Re-sending is
+                    # safe for any method: the server refused the request without processing it.
+                    reauthenticated, attempt = True, attempt - 1
+                    resp.close()
+                    logger.info("%s %s -> 401; refreshing credentials once", method, sending.target)
+                    auth.refresh()
+                    continue
+                if not check or resp.status_code < 400:
+                    return resp
+                delay = self._status_delay(resp, attempt, slept) if retryable else None
+                if delay is None:
+                    raise_for_response(resp.status_code, resp.headers, resp.content, resp.url, case_id)
+                    return resp  # pragma: no cover - raise_for_response raised for status >= 400
+                resp.close()
+                why = f"HTTP {resp.status_code}"
+            logger.warning(
+                "%s %s: %s; retry %d/%d in %.1f s",
+                method, sending.target, why, attempt, self.retry.max_attempts - 1, delay,
+            )
+            self.retry.sleep(delay)
+            slept += delay
+
+    def _status_delay(self, resp: requests.Response, attempt: int, slept: float) -> float | None:
+        """Seconds to wait before retrying a temporary status, or None (not temporary / budget spent)."""
+        if resp.status_code not in TEMPORARY_STATUSES:
+            return None
+        wait = parse_retry_after(resp.headers.get("Retry-After"), self.retry.wall_clock())
+        return self.retry.next_delay(attempt, slept, wait)
+
+    def _attempt(self, sending: _Sending, auth: requests.auth.AuthBase | None) -> requests.Response | _Failure:
+        """Send once; a connection-level failure comes back as a _Failure, other problems raise."""
+        self.request_count += 1
+        started = time.monotonic()
+        method, target, case_id = sending.method, sending.target, sending.case_id
+        try:
+            resp = self.session.request(
+                method,
+                sending.url,
+                params=sending.params,
+                data=sending.body,
+                headers=sending.headers,
+                auth=auth,
+                timeout=self.timeout,
+                # Passed per request: a session-level verify=False would be overridden by
+                # REQUESTS_CA_BUNDLE, and an explicit choice must win.
+                verify=self.verify,
+                stream=sending.stream,
+            )
+        except TemporaryServerError as exc:
+            # Raised by the auth object (token endpoint unreachable or busy): nothing reached
+            # the FHIR server yet, so any method may be retried.
+            return _Failure(exc, exc.__cause__ or exc, sent=False)
+        except requests.exceptions.SSLError as exc:
+            raise FatalServerError(
+                f"TLS error talking to {urlsplit(sending.url).hostname} (check the CA bundle / verify setting)",
+                url=target,
+                case_id=case_id,
+            ) from exc
+        except _TRANSIENT_EXCEPTIONS as exc:
+            logger.debug("%s %s failed after %.3f s: %s", method, target, time.monotonic() - started, type(exc).__name__)
+            error = TemporaryServerError(f"{type(exc).__name__} during {method} {target}", url=target, case_id=case_id)
+            return _Failure(error, exc, sent=not _was_not_sent(exc))
+        except requests.exceptions.RequestException as exc:
+            raise FatalServerError(f"{type(exc).__name__} during {method} {target}", url=target, case_id=case_id) from exc
+        logger.debug("%s %s -> %d in %.3f s", method, target, resp.status_code, time.monotonic() - started)
+        return resp
+
+    # -- FHIR helpers --------------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, Any]:
+        """The server's CapabilityStatement (``GET metadata``), fetched once and cached."""
+        if self._capabilities is None:
+            doc = self.request("GET", "metadata").json()
+            if not isinstance(doc, dict) or doc.get("resourceType") != "CapabilityStatement":
+                raise CapabilityError(
+                    "GET metadata did not return a CapabilityStatement (is this a FHIR R4+ server?)",
+                    url=redact_url(self.url("metadata")),
+                )
+            self._capabilities = doc
+        return self._capabilities
+
+    def fhir_version(self) -> str:
+        """The FHIR version the server declares, e.g. ``"4.0.1"``."""
+        version = self.capabilities().get("fhirVersion")
+        if not isinstance(version, str) or not version:
+            raise CapabilityError("the server's CapabilityStatement has no fhirVersion", url=redact_url(self.url("metadata")))
+        return version
+
+    def _resource_path(self, resource_type: str, resource_id: str | None = None) -> str:
+        path = quote(resource_type, safe="")
+        if resource_id is not None:
+            path += "/" + quote(resource_id, safe="")
+        return path
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """``GET [base]/Type/id``; FatalServerError (404/410) when absent."""
+        resp = self.request("GET", self._resource_path(resource_type, resource_id))
+        return resp.json_or_empty()
+
+    def search_bundles(self, resource_type: str, params: Params | None = None) -> Iterator[dict[str, Any]]:
+        """Every searchset Bundle page of ``GET [base]/Type?params``, following ``next`` links.
+
+        Next links must be on the server's origin (they would otherwise receive our
+        credentials and search parameters): another host raises FatalServerError. A next link
+        that repeats a page already read ends with FatalServerError too (a paging loop).
+        """
+        url: str = self.url(self._resource_path(resource_type))
+        page_params: Params | None = params
+        seen: set[str] = set()
+        while True:
+            resp = self.request("GET", url, params=page_params)
+            bundle = resp.json()
+            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                raise FatalServerError("search did not return a Bundle", status=resp.status, url=redact_url(resp.url))
+            yield bundle
+            link = _next_link(bundle)
+            if link is None:
+                return
+            next_url = urljoin(resp.url, link)
+            if not self.is_same_origin(next_url):
+                self._require_same_origin(next_url, "the next search page request")
+            if next_url in seen or next_url == resp.url:
+                raise FatalServerError("search paging loops (next link repeats a page)", url=redact_url(next_url))
+            seen.add(next_url)
+            url, page_params = next_url, None
+
+    def search(self, resource_type: str, params: Params | None = None) -> Iterator[dict[str, Any]]:
+        """Every resource across all pages of a search (``_include``d ones too).
+
+        Entries with ``search.mode = outcome`` (server warnings) are logged, not yielded.
+        """
+        for bundle in self.search_bundles(resource_type, params):
+            for entry in bundle.get("entry") or []:
+                if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+                    continue
+                resource: dict[str, Any] = entry["resource"]
+                mode = (entry.get("search") or {}).get("mode")
+                if mode == "outcome":
+                    for line in summarize_outcome(resource):
+                        logger.warning("search %s: server says %s", resource_type, line)
+                    continue
+                yield resource
+
+    def post_bundle(self, bundle: Mapping[str, Any], *, idempotent: bool, case_id: str | None = None) -> dict[str, Any]:
+        """POST a batch/transaction Bundle to the base URL; returns the response Bundle.
+
+        ``idempotent=True`` only when re-sending cannot create duplicates (all entries are PUTs
+        with stable ids or conditional creates); only then are temporary failures retried.
+        """
+        resp = self.request("POST", self.base_url, json=bundle, idempotent=idempotent, case_id=case_id)
+        return resp.json_or_empty()
+
+    def put(self, resource_type: str, resource_id: str, resource: Mapping[str, Any], *, case_id: str | None = None) -> dict[str, Any]:
+        """``PUT [base]/Type/id`` (update or create with a client id); the returned resource, or {}."""
+        resp = self.request("PUT", self._resource_path(resource_type, resource_id), json=resource, case_id=case_id)
+        return resp.json_or_empty()
+
+    def create(
+        self,
+        resource_type: str,
+        resource: Mapping[str, Any],
+        if_none_exist: str | None = None,
+        *,
+        case_id: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST [base]/Type``; with ``if_none_exist`` (e.g. ``"identifier=sys|val"``) a conditional
+        create, which is idempotent and therefore retried. Returns the resource, or {}."""
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
+        resp = self.request(
+            "POST",
+            self._resource_path(resource_type),
+            json=resource,
+            headers=headers,
+            idempotent=bool(if_none_exist),
+            case_id=case_id,
+        )
+        return resp.json_or_empty()
+
+
+def _next_link(bundle: Mapping[str, Any]) -> str | None:
+    for link in bundle.get("link") or []:
+        if isinstance(link, Mapping) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return str(link["url"])
+    return None
