@@ -370,7 +370,7 @@ class CaseReader:
         for raw in header:
             key = raw.strip().lstrip("\ufeff").strip().lower()
             canonical = lookup.get(key)
-            if canonical in columns:
+            if canonical is not None and canonical in columns:
                 raise InputError(f"column {raw.strip()!r} appears twice in the header", file=str(self.path), row=1)
             columns.append(canonical)
             if canonical is None and key:

@@ -81,6 +81,7 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
             return
         subject = {"subject": ",".join(f"Patient/{m['id']}" for m in matches)}
     # 1. the cases: ruxolitinib statements carrying the case identifier system
+    log.info("pull: case MedicationStatements%s", f" changed since {opt.since}" if opt.since else "")
     patients: set[str] = set()
     for ms in client.search("MedicationStatement", _params({"identifier": f"{sys.case}|", **subject}, opt)):
         key = reference_key(to_r4(ms).get("subject", {}).get("reference"))
@@ -90,6 +91,7 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
         yield ms
     # 2. their parts: every other derived resource carries the per-resource system
     for kind in PART_TYPES:
+        log.info("pull: %s resources of the cohort", kind)
         for part in client.search(kind, _params({"identifier": f"{sys.resource}|", **subject}, opt)):
             if kind == "MedicationStatement" and identifier_value(part, sys.case):
                 continue  # already yielded as a case statement
@@ -100,6 +102,7 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
             yield part
     # 3. the Patients they point at (changed ones only on an incremental pull)
     ids = sorted(k.split("/", 1)[1] for k in patients if k.startswith("Patient/"))
+    log.info("pull: %d Patient(s) referenced by the cohort", len(ids))
     if opt.patient and not ids:
         ids = [m.split("/", 1)[1] for m in subject.get("subject", "").split(",") if m]
     for i in range(0, len(ids), 100):

@@ -368,6 +368,7 @@ class Pusher:
         if len(entries) != len(resources):
             raise ServerError(f"transaction-response has {len(entries)} entries for {len(resources)} sent")
         self._record(resources, [e.get("response", {}) for e in entries], hashes)
+        log.info("push: transaction of %d entries landed", len(resources))
 
     def _send_batch(self, groups: list[Group], hashes: dict[str, str]) -> None:
         resources = [r for g in groups for r in g.resources]
