@@ -389,7 +389,8 @@ class CaseReader:
         index = CrossRowIndex()
         mapping = self.mapping
         with self._open() as fh:
-            reader = csv.reader(fh, delimiter=self.report.delimiter)
+            # strict: an unterminated quote is an error, not the rest of the file in one field
+            reader = csv.reader(fh, delimiter=self.report.delimiter, strict=True)
             header_seen = False
             last_line = 0
             try:
@@ -419,7 +420,9 @@ class CaseReader:
                     self.report.accepted += 1
                     yield Accepted(record, index.add(record))
             except csv.Error as exc:
-                raise InputError(f"not a readable CSV ({exc})", file=str(self.path), row=last_line + 1) from None
+                why = "unterminated quote" if "end of data" in str(exc) or "EOF" in str(exc) else str(exc)
+                raise InputError(f"not a readable CSV ({why}; check the quote characters)",
+                                 file=str(self.path), row=last_line + 1) from None
             except UnicodeDecodeError as exc:
                 raise InputError(f"unreadable encoding ({exc.reason})", file=str(self.path)) from None
 

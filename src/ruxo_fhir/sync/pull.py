@@ -27,6 +27,9 @@ log = logging.getLogger("ruxo_fhir.sync")
 Resource = dict[str, Any]
 
 PART_TYPES: tuple[str, ...] = ("Condition", "MedicationStatement", "Observation", "AdverseEvent")
+# R4 defines no `identifier` search parameter on AdverseEvent (HAPI refuses it): those are
+# fetched by the cohort's subjects and filtered on the identifier here.
+BY_SUBJECT_TYPES: tuple[str, ...] = ("AdverseEvent",)
 COHORT_TYPES: tuple[str, ...] = ("Patient", *PART_TYPES)
 
 
@@ -91,6 +94,8 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
         yield ms
     # 2. their parts: every other derived resource carries the per-resource system
     for kind in PART_TYPES:
+        if kind in BY_SUBJECT_TYPES:
+            continue
         log.info("pull: %s resources of the cohort", kind)
         for part in client.search(kind, _params({"identifier": f"{sys.resource}|", **subject}, opt)):
             if kind == "MedicationStatement" and identifier_value(part, sys.case):
@@ -100,11 +105,30 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
                 patients.add(key)
             res.add(kind)
             yield part
-    # 3. the Patients they point at (changed ones only on an incremental pull)
+    # 3. AdverseEvents and Patients. Incremental: whatever changed in our systems. Full: those
+    #    of the cohort's subjects.
     ids = sorted(k.split("/", 1)[1] for k in patients if k.startswith("Patient/"))
-    log.info("pull: %d Patient(s) referenced by the cohort", len(ids))
     if opt.patient and not ids:
         ids = [m.split("/", 1)[1] for m in subject.get("subject", "").split(",") if m]
+    if opt.since and not opt.patient:
+        for kind in BY_SUBJECT_TYPES:
+            for part in client.search(kind, _params({}, opt)):
+                if identifier_value(part, sys.resource):
+                    res.add(kind)
+                    yield part
+        for patient in client.search("Patient", _params({"identifier": f"{sys.patient}|"}, opt)):
+            res.add("Patient")
+            yield patient
+        return
+    for kind in BY_SUBJECT_TYPES:
+        log.info("pull: %s resources of the cohort's %d subject(s)", kind, len(ids))
+        for i in range(0, len(ids), 50):
+            refs = ",".join(f"Patient/{x}" for x in ids[i:i + 50])
+            for part in client.search(kind, _params({"subject": refs}, opt)):
+                if identifier_value(part, sys.resource):
+                    res.add(kind)
+                    yield part
+    log.info("pull: %d Patient(s) referenced by the cohort", len(ids))
     for i in range(0, len(ids), 100):
         part_ids = ids[i:i + 100]
         params = _params({"_id": ",".join(part_ids)}, opt)
