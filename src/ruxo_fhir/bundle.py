@@ -99,13 +99,20 @@ def iter_resources(path: str | Path) -> Iterator[Resource]:
     if data["resourceType"] != "Bundle":
         yield data
         return
-    for i, entry in enumerate(data.get("entry") or []):
+    for entry in _entries(data, p):
         res = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(res, dict):
             continue  # e.g. DELETE entries or transaction-response entries without bodies
         if entry.get("search", {}).get("mode") == "outcome" or res.get("resourceType") == "OperationOutcome":
             continue
         yield res
+
+
+def _entries(bundle: dict[str, Any], path: Path) -> list[Any]:
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise InputError("Bundle.entry is not a list", file=str(path))
+    return entries
 
 
 # --- writing (atomic: a failed run leaves no half-written output) ------------------------
@@ -239,7 +246,7 @@ def iter_push_resources(path: str | Path) -> Iterator[Resource]:
         raise InputError("file not found", file=str(p))
     data = _load_json(p)
     if isinstance(data, dict) and data.get("resourceType") == "Bundle":
-        yield from stable_ids([e for e in data.get("entry") or [] if isinstance(e, dict)])
+        yield from stable_ids([e for e in _entries(data, p) if isinstance(e, dict)])
     elif isinstance(data, dict) and "resourceType" in data:
         yield from stable_ids([{"resource": data}])
     else:

@@ -158,10 +158,11 @@ class ForwardMapper:
         if r.improvement_pct is not None:
             res["valueQuantity"] = self._quantity(r.improvement_pct, spec.unit or "%")
         else:
-            res["dataAbsentReason"] = {
-                "coding": [{"system": self.m.systems["data_absent_reason"], "code": "unknown"}]
-            }
+            res["dataAbsentReason"] = self._absent()
         return res
+
+    def _absent(self) -> dict[str, Any]:
+        return {"coding": [{"system": self.m.systems["data_absent_reason"], "code": "unknown"}]}
 
     def scores(self, r: CaseRecord) -> Iterator[Resource]:
         if not r.score_name:
@@ -175,12 +176,17 @@ class ForwardMapper:
             (ROLE_SCORE_BASELINE, r.baseline_score, r.treatment_start),
             (ROLE_SCORE_FOLLOWUP, r.followup_score, r.evaluation_date),
         ):
-            if value is None:
+            # a named score without a baseline value still gets its baseline Observation
+            # (dataAbsentReason), so the score name is never lost
+            if value is None and (role == ROLE_SCORE_FOLLOWUP or r.followup_score is not None):
                 continue
             res = self._observation(r, role, code, spec.category)
             if when:
                 res["effectiveDateTime"] = when
-            res["valueQuantity"] = self._quantity(value, spec.unit or "{score}")
+            if value is not None:
+                res["valueQuantity"] = self._quantity(value, spec.unit or "{score}")
+            else:
+                res["dataAbsentReason"] = self._absent()
             yield res
 
     def recurrence(self, r: CaseRecord) -> Resource | None:

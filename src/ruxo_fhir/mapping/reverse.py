@@ -72,6 +72,7 @@ class CaseAssembler:
     def __init__(self, mapping: MappingSpec) -> None:
         self.m = mapping
         self.cases: dict[str, CaseParts] = {}
+        self._order: list[str] = []  # cases in the order their MedicationStatements arrived
         self.patients: dict[str, Resource] = {}
         self.skipped = 0
         self.warnings: list[str] = []
@@ -94,7 +95,10 @@ class CaseAssembler:
         if kind == "MedicationStatement":
             case_id = identifier_value(res, sys.case)
             if case_id is not None:
-                self.cases.setdefault(case_id, CaseParts()).statement = res
+                parts = self.cases.setdefault(case_id, CaseParts())
+                if parts.statement is None:
+                    self._order.append(case_id)
+                parts.statement = res
                 return
         part = identifier_value(res, sys.resource)
         if part and ":" in part:
@@ -109,11 +113,10 @@ class CaseAssembler:
         return self
 
     def records(self) -> Iterator[CaseRecord]:
-        orphans = 0
-        for case_id, parts in self.cases.items():
-            if parts.statement is None:
-                orphans += len(parts.parts)
-                continue
+        orphans = sum(len(p.parts) for p in self.cases.values() if p.statement is None)
+        for case_id in self._order:
+            parts = self.cases[case_id]
+            assert parts.statement is not None
             record = self._record(case_id, parts.statement, parts.parts)
             if record is not None:
                 yield record
