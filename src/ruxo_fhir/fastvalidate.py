@@ -1,0 +1,444 @@
+"""A compiled fast path for validating many resources of the same structure.
+
+The fhir.resources models are the reference. The fast path never decides on its own that a
+resource is invalid; it only proves some resources valid, and everything else goes to the model:
+
+1. The first resource of a structural *shape* (dict keys, list lengths, nesting, the JSON type of
+   every leaf, the resourceType) is validated by the model. If the model accepts it, the shape
+   is compiled into a Python function that checks that a later resource has exactly this shape
+   and that every primitive leaf is *surely valid* for its FHIR primitive type.
+2. For a fixed shape the model's verdict depends on the leaf values only through the per-field
+   primitive validators: its model-level validators (required primitives, one-of-many choice
+   elements, null-in-list, extra keys, resourceType) depend on which keys are present, which the
+   shape fixes. So "same shape as a valid resource and every leaf surely valid" implies "valid".
+3. Each leaf check is conservative: it accepts a value only when the model's validator for that
+   primitive type (fhir_core.types: pydantic-core Rust regexes, date parsing, integer bounds)
+   certainly accepts it, and answers "not sure" otherwise (a leap second, a non-ASCII code, an
+   id pattern changed in fhir_core.constraints, ...). "Not sure" sends the resource to the model.
+
+The verdict is therefore the model's verdict, only cheaper; the problems reported for an
+invalid resource always come from the model. The primitive type of each element is read from
+the model classes' field annotations (cached per class), not from a hand-written table. Element
+kinds the compiler does not know (contained resources, primitive extensions `_x`, url, time,
+uuid, base64Binary, xhtml, JSON null, a JSON type other than the primitive's own) make the
+shape "model only". tests/test_validate_fastpath.py holds the equivalence tests.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Resource = dict[str, Any]
+Check = Callable[[Any], bool]
+ShapeCheck = Callable[[Resource], int]
+
+# Return values of a compiled shape check.
+OK, MISMATCH, UNSURE = 0, 1, 2
+
+MAX_SHAPES_PER_KEY = 64
+MAX_SHAPES = 4096
+MAX_NODES = 2000  # larger resources (say a big Bundle) are left to the model
+MEMO_LIMIT = 50_000  # per primitive type: values already proven valid
+
+
+# --- primitive leaf checks: True only when the model surely accepts the value -------------
+
+def _no_surrogates(value: str) -> bool:
+    """pydantic-core rejects strings that are not valid Unicode (lone surrogates)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _string(value: str) -> bool:
+    # Model: Rust regex search '[ \r\n\t\S]+'. Rust's White_Space is a subset of Python's
+    # str.isspace(), so a character that is not isspace() matches \S in Rust.
+    return bool(value) and not value.isspace() and _no_surrogates(value)
+
+
+def _any_text(value: str) -> bool:
+    # uri / canonical / markdown: the model's patterns ('\S*', '\s*(\S|\s)*') match any string.
+    return _no_surrogates(value)
+
+
+# Model: Rust '^[^\s]+(\s[^\s]+)*$'. Python's [^\s] is a subset of Rust's; the separators
+# listed are whitespace in both.
+_CODE = re.compile(r"[^\s]+(?:[\t\n\x0b\x0c\r ][^\s]+)*").fullmatch
+_OID = re.compile(r"urn:oid:[0-2](?:\.(?:0|[1-9][0-9]*))+").fullmatch
+_DECIMAL_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?").fullmatch
+
+
+def _code(value: str) -> bool:
+    return _CODE(value) is not None and _no_surrogates(value)
+
+
+def _oid(value: str) -> bool:
+    return _OID(value) is not None
+
+
+def _id_pattern() -> Callable[[str], re.Match[str] | None] | None:
+    """The id rule as fhir_core builds it (constraints may be patched): None = not known."""
+    from fhir_core import constraints
+
+    if getattr(constraints, "TYPES_ID_PATTERN", None) != r"^[A-Za-z0-9\-.]+$":
+        return None
+    max_len = getattr(constraints, "TYPES_ID_MAX_LENGTH", None)
+    if not isinstance(max_len, int) or max_len < 1:
+        return None
+    return re.compile(r"[A-Za-z0-9\-.]{1,%d}" % max_len).fullmatch
+
+
+def _valid_day(text: str) -> bool:
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _date_checks() -> tuple[Check, Check, Check]:
+    from fhir_core.types import Date, DateTime, Instant
+
+    date_re, datetime_re, instant_re = Date.pattern.fullmatch, DateTime.pattern.fullmatch, Instant.pattern.fullmatch
+
+    def date(value: str) -> bool:
+        if date_re(value) is None:
+            return False
+        return len(value) < 10 or _valid_day(value)  # YYYY and YYYY-MM (month <= 12 by the regex)
+
+    def time_part_sure(value: str) -> bool:
+        # value matched the FHIR regex and has a time: the zone is present by the regex.
+        # Leap seconds and more than microsecond precision are left to the model.
+        if value[17:19] == "60":
+            return False
+        rest = value[19:]
+        if rest.startswith("."):
+            digits = len(rest) - len(rest.lstrip(".0123456789")) - 1
+            if digits > 6:
+                return False
+        return _valid_day(value[:10])
+
+    def date_time(value: str) -> bool:
+        if datetime_re(value) is None:
+            return False
+        if len(value) < 10:
+            return True
+        if len(value) == 10:
+            return _valid_day(value)
+        return time_part_sure(value)
+
+    def instant(value: str) -> bool:
+        return instant_re(value) is not None and time_part_sure(value)
+
+    return date, date_time, instant
+
+
+def _number_decimal(value: int | float) -> bool:
+    if type(value) is int:
+        return -(10 ** 18) < value < 10 ** 18
+    return math.isfinite(value) and _DECIMAL_TEXT(repr(value)) is not None
+
+
+# --- element descriptions from the model classes -----------------------------------------
+
+@dataclass(frozen=True)
+class Primitive:
+    """A primitive FHIR type: the exact JSON types accepted and how a leaf is checked.
+
+    `test` is a Python expression over `{v}` that is true when the value is surely valid
+    (None: every value of the JSON types is valid); `memo` caches values proven valid.
+    """
+
+    name: str
+    json_types: tuple[type, ...]
+    test: str | None
+    check: Check | None = None  # the same test as a function (for memo and for tests)
+    memo: bool = False
+
+
+@dataclass(frozen=True)
+class Element:
+    """One element of a model class: a primitive or a complex type, single or a list."""
+
+    kind: Primitive | type | None  # None: not handled by the fast path
+    is_list: bool
+
+
+_BIG = 10 ** 18
+# Names the generated code may use (see Primitive.test).
+_ENV: dict[str, Any] = {"_nosur": _no_surrogates, "_numdec": _number_decimal, "_code": _code, "_oid": _OID}
+
+
+def _primitives() -> dict[str, Primitive]:
+    date, date_time, instant = _date_checks()
+    text = "({v}.isascii() or _nosur({v}))"
+    table = [
+        Primitive("string", (str,), "{v} and not {v}.isspace() and " + text, _string),
+        Primitive("code", (str,), None, _code, memo=True),
+        Primitive("uri", (str,), text, _any_text),
+        Primitive("canonical", (str,), text, _any_text),
+        Primitive("markdown", (str,), text, _any_text),
+        Primitive("oid", (str,), "_oid({v}) is not None", _oid),
+        Primitive("boolean", (bool,), None),
+        Primitive("decimal", (int, float), f"(type({{v}}) is int and -{_BIG} < {{v}} < {_BIG}) or _numdec({{v}})",
+                  _number_decimal),
+        Primitive("integer", (int,), "-2147483648 <= {v} <= 2147483647"),
+        Primitive("unsignedInt", (int,), "0 <= {v} <= 2147483647"),
+        Primitive("positiveInt", (int,), "1 <= {v} <= 2147483647"),
+        Primitive("integer64", (int,), "-9223372036854775807 <= {v} <= 9223372036854775807"),
+        Primitive("date", (str,), None, date, memo=True),
+        Primitive("dateTime", (str,), None, date_time, memo=True),
+        Primitive("instant", (str,), None, instant, memo=True),
+    ]
+    id_pattern = _id_pattern()
+    if id_pattern is not None:
+        _ENV["_id"] = id_pattern
+        table.append(Primitive("id", (str,), "_id({v}) is not None", lambda v: id_pattern(v) is not None))
+    return {p.name: p for p in table}
+
+
+_UNION_TYPES: tuple[Any, ...] = (typing.Union, types.UnionType)
+
+
+class ModelIndex:
+    """Element descriptions per model class, read once from the field annotations."""
+
+    def __init__(self) -> None:
+        self.primitives = _primitives()
+        self._elements: dict[type, dict[str, Element]] = {}
+
+    def elements(self, cls: type) -> dict[str, Element]:
+        found = self._elements.get(cls)
+        if found is None:
+            found = self._elements[cls] = self._describe_class(cls)
+        return found
+
+    def _describe_class(self, cls: type) -> dict[str, Element]:
+        out: dict[str, Element] = {}
+        fields: dict[str, Any] = getattr(cls, "model_fields", {})
+        for name, info in fields.items():
+            if name == "fhir_comments" or name.endswith("__ext"):
+                continue  # the fast path handles neither comments nor primitive extensions
+            out[info.alias or name] = self._describe(info.annotation)
+        return out
+
+    def _describe(self, annotation: Any) -> Element:
+        from fhir_core.types import FhirBase, FhirElementOrResourceBase
+
+        ann, is_list = annotation, False
+        while True:
+            origin = typing.get_origin(ann)
+            if origin in _UNION_TYPES:
+                args = [a for a in typing.get_args(ann) if a is not type(None)]
+                if len(args) != 1:
+                    return Element(None, is_list)
+                ann = args[0]
+            elif origin is list:
+                if is_list:
+                    return Element(None, is_list)
+                is_list, ann = True, typing.get_args(ann)[0]
+            else:
+                break
+        if ann is bool:
+            return Element(self.primitives["boolean"], is_list)
+        if typing.get_origin(ann) is typing.Annotated:
+            for meta in typing.get_args(ann)[1:]:
+                name = getattr(meta, "__visit_name__", None)
+                if isinstance(name, str):
+                    return Element(self.primitives.get(name), is_list)
+            return Element(None, is_list)
+        if isinstance(ann, type) and issubclass(ann, FhirBase) and not issubclass(ann, FhirElementOrResourceBase):
+            try:
+                return Element(ann.get_model_klass(), is_list)
+            except (ImportError, AttributeError, ValueError):
+                return Element(None, is_list)
+        return Element(None, is_list)
+
+
+# --- the shape compiler ------------------------------------------------------------------
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Compiler:
+    """Writes the Python source of one shape check (straight-line code, no recursion)."""
+
+    def __init__(self, index: ModelIndex, memos: dict[str, set[str]]) -> None:
+        self.index = index
+        self.memos = memos
+        self.lines: list[str] = []
+        self.env: dict[str, Any] = {"_slow": _slow, **_ENV}
+        self.counter = 0
+        self.nodes = 0
+
+    def name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def const(self, value: Any, prefix: str = "K") -> str:
+        key = self.name(prefix)
+        self.env[key] = value
+        return key
+
+    def emit(self, line: str, depth: int = 1) -> None:
+        self.lines.append("    " * depth + line)
+
+    def compile(self, cls: type, resource: Resource) -> ShapeCheck:
+        keys = [k for k in resource if k != "resourceType"]
+        self.emit(f"if r.keys() != {self.const(frozenset(resource))}: return 1")
+        self.emit(f"if r['resourceType'] != {self.const(resource['resourceType'])}: return 1")
+        self.object_body("r", cls, resource, keys)
+        self.emit("return 0")
+        source = "def check(r):\n" + "\n".join(self.lines) + "\n"
+        exec(compile(source, f"<fhir shape {resource.get('resourceType')}>", "exec"), self.env)  # noqa: S102
+        check: ShapeCheck = self.env["check"]
+        check.__doc__ = source  # for debugging: the generated code
+        return check
+
+    def object_body(self, var: str, cls: type, obj: dict[str, Any], keys: list[str]) -> None:
+        elements = self.index.elements(cls)
+        for key in keys:
+            element = elements.get(key)
+            if element is None or element.kind is None:
+                raise _Unsupported(key)
+            value = obj[key]
+            sub = self.name("v")
+            self.emit(f"{sub} = {var}[{key!r}]")
+            if element.is_list:
+                if type(value) is not list or not value:
+                    raise _Unsupported(key)  # let the model judge odd lists (empty, not a list)
+                self.emit(f"if type({sub}) is not list or len({sub}) != {len(value)}: return 1")
+                for i, item in enumerate(value):
+                    item_var = self.name("v")
+                    self.emit(f"{item_var} = {sub}[{i}]")
+                    self.value(item_var, element.kind, item)
+            else:
+                self.value(sub, element.kind, value)
+
+    def value(self, var: str, kind: Primitive | type, value: Any) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _Unsupported("too large")
+        if isinstance(kind, Primitive):
+            self.leaf(var, kind, value)
+            return
+        if type(value) is not dict or not value or "resourceType" in value:
+            raise _Unsupported(kind.__name__)
+        self.emit(f"if type({var}) is not dict or {var}.keys() != {self.const(frozenset(value))}: return 1")
+        self.object_body(var, kind, value, list(value))
+
+    def leaf(self, var: str, kind: Primitive, value: Any) -> None:
+        if type(value) not in kind.json_types:
+            raise _Unsupported(kind.name)
+        if len(kind.json_types) == 1:
+            self.emit(f"if type({var}) is not {kind.json_types[0].__name__}: return 1")
+        else:
+            allowed = " and ".join(f"type({var}) is not {t.__name__}" for t in kind.json_types)
+            self.emit(f"if {allowed}: return 1")
+        test = self.leaf_test(var, kind)
+        if test is not None:
+            self.emit(f"if not {test}: return 2")
+
+    def leaf_test(self, var: str, kind: Primitive) -> str | None:
+        """The expression, true when the leaf `var` (of a right JSON type) is surely valid."""
+        if kind.memo and kind.check is not None:
+            check = self.const(kind.check, "C")
+            memo = self.const(self.memos.setdefault(kind.name, set()), "M")
+            return f"({var} in {memo} or _slow({check}, {memo}, {var}))"
+        if kind.test is not None:
+            return f"({kind.test.format(v=var)})"
+        if kind.check is not None:
+            return f"{self.const(kind.check, 'C')}({var})"
+        return None
+
+    def leaf_function(self, kind: Primitive) -> Check:
+        """The leaf check exactly as compiled into shape checks, as a function (for tests)."""
+        types_ok = " or ".join(f"type(v) is {t.__name__}" for t in kind.json_types)
+        source = f"def accepts(v):\n    return ({types_ok}) and bool({self.leaf_test('v', kind) or 'True'})\n"
+        exec(compile(source, f"<fhir leaf {kind.name}>", "exec"), self.env)  # noqa: S102
+        accepts: Check = self.env["accepts"]
+        return accepts
+
+
+def _slow(check: Check, memo: set[Any], value: Any) -> bool:
+    if not check(value):
+        return False
+    if len(memo) < MEMO_LIMIT:
+        memo.add(value)
+    return True
+
+
+@dataclass
+class FastStats:
+    fast: int = 0  # resources proven valid by a compiled shape
+    model: int = 0  # resources sent to the model
+    compiled: int = 0  # shapes compiled
+    unsupported: int = 0  # shapes the compiler declined
+    shapes: dict[str, int] = field(default_factory=dict)
+
+
+class FastPath:
+    """Compiled shape checks for one FHIR version; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.index = ModelIndex()
+        self.memos: dict[str, set[str]] = {}
+        self._shapes: dict[tuple[str, tuple[str, ...]], list[ShapeCheck]] = {}
+        self._declined: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._leaves: dict[str, Check] = {}
+        self._count = 0
+        self.stats = FastStats()
+
+    def check(self, resource: Resource) -> int:
+        """OK: proven valid; UNSURE: a known shape with a leaf not proven; MISMATCH: unknown shape."""
+        candidates = self._shapes.get((resource["resourceType"], tuple(resource)))
+        if not candidates:
+            return MISMATCH
+        verdict = MISMATCH
+        for i, shape in enumerate(candidates):
+            result = shape(resource)
+            if result == OK:
+                if i:
+                    candidates.insert(0, candidates.pop(i))  # most recently used first
+                return OK
+            if result == UNSURE:
+                verdict = UNSURE
+        return verdict
+
+    def leaf_accepts(self, primitive: str, value: Any) -> bool:
+        """Whether the compiled leaf check of `primitive` proves `value` valid (for tests)."""
+        check = self._leaves.get(primitive)
+        if check is None:
+            check = self._leaves[primitive] = _Compiler(self.index, self.memos).leaf_function(
+                self.index.primitives[primitive])
+        return check(value)
+
+    def learn(self, cls: type, resource: Resource) -> None:
+        """Compile the shape of `resource`, which the model has just accepted."""
+        key = (resource["resourceType"], tuple(resource))
+        candidates = self._shapes.setdefault(key, [])
+        declined = self._declined.get(key, 0)
+        if len(candidates) >= MAX_SHAPES_PER_KEY or declined >= MAX_SHAPES_PER_KEY or self._count >= MAX_SHAPES:
+            return
+        try:
+            shape = _Compiler(self.index, self.memos).compile(cls, resource)
+        except (_Unsupported, RecursionError):
+            self.stats.unsupported += 1
+            self._declined[key] = declined + 1
+            return
+        candidates.insert(0, shape)
+        self._count += 1
+        self.stats.compiled += 1
+        kind = str(resource["resourceType"])
+        self.stats.shapes[kind] = self.stats.shapes.get(kind, 0) + 1
