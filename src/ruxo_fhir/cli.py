@@ -129,10 +129,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
               help="Rejected rows (CSV). Default: <input stem>.rejects.csv beside the output.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a JSON run report (counts, inputs with sha256, versions).")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes for mapping and validation (same output, byte for byte).")
 @click.pass_obj
 @handles_errors
 def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: Path | None,
-               fhir_version: str, rejects: Path | None, report_path: Path | None) -> None:
+               fhir_version: str, rejects: Path | None, report_path: Path | None, jobs: int) -> None:
     """Map a case-record CSV to validated FHIR resources.
 
     Delimiter (, ; tab) and encoding (UTF-8 with or without BOM, Windows-1252, UTF-16 with
@@ -153,7 +155,7 @@ def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: P
     run.set_mapping(mapping)
     try:
         result = import_cases(cases, output, mapping=mapping, fmt=fmt, version=as_version(fhir_version),
-                              rejects_path=rejects)
+                              rejects_path=rejects, jobs=jobs)
     except RuxoError as exc:
         run.fail(exc)
         run.write(report_path)

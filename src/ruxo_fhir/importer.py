@@ -1,21 +1,36 @@
-"""The import stage: case CSV -> validated FHIR (Bundle or ndjson) plus a rejects file."""
+"""The import stage: case CSV -> validated FHIR (Bundle or ndjson) plus a rejects file.
+
+Streaming: rows are read, checked, mapped, validated and written one at a time. Cross-row
+state lives in the reader's compact `CrossRowIndex` (hashes in flat arrays); rejects are
+written to a temporary file as they come and renamed at the end. With `jobs > 1` worker
+processes map, validate and serialise chunks of cases while the main process reads and
+writes; the output is byte-identical to `jobs=1` (same order, same bytes).
+"""
 from __future__ import annotations
 
 import csv
 import io
-from collections import Counter
-from collections.abc import Callable, Iterator
+import multiprocessing
+import os
+import tempfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
+from typing import IO, Any
 
-from ruxo_fhir.bundle import atomic_write_bytes, writer_for
+import orjson
+
+from ruxo_fhir.bundle import NdjsonWriter, atomic_write_bytes, writer_for
 from ruxo_fhir.fhir_version import FhirVersion, to_version
 from ruxo_fhir.mapping.forward import ForwardMapper, Resource
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.records import CANONICAL_COLUMNS, Accepted, CaseReader, CaseRecord, ReadReport, Reject, _digest
-from ruxo_fhir.validate import Validator
+from ruxo_fhir.validate import Problem, Validator
 
 REJECT_COLUMNS: tuple[str, ...] = (*CANONICAL_COLUMNS, "row", "error")
+CHUNK_ROWS = 200  # cases per worker task with jobs > 1
 
 
 @dataclass
@@ -38,14 +53,98 @@ def default_rejects_path(source: Path, output: Path) -> Path:
     return output.parent / f"{source.stem}.rejects.csv"
 
 
+def _reject_row(rej: Reject) -> dict[str, Any]:
+    return {**rej.values, "row": rej.row, "error": rej.message}
+
+
 def write_rejects(path: Path, rejects: list[Reject]) -> None:
     """UTF-8, comma: the row's values under the canonical names, plus `row` and `error`."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REJECT_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for rej in rejects:
-        writer.writerow({**rej.values, "row": rej.row, "error": rej.message})
+        writer.writerow(_reject_row(rej))
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+class RejectsWriter:
+    """The rejects file, written as rejects come (same bytes as `write_rejects`).
+
+    Rows go to a temporary file beside the target; `close()` renames it into place and
+    `abort()` removes it, so a failed run never leaves a half-written rejects file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        self._tmp = Path(tmp)
+        self._fh: IO[str] = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        self._csv = csv.DictWriter(self._fh, fieldnames=REJECT_COLUMNS, lineterminator="\n")
+        self._csv.writeheader()
+
+    def write(self, rej: Reject) -> None:
+        self._csv.writerow(_reject_row(rej))
+        self.count += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class _CaseBuilder:
+    """Maps one case and validates its resources (in the main process or in a worker)."""
+
+    def __init__(self, mapping: MappingSpec, version: FhirVersion) -> None:
+        self.mapper = ForwardMapper(mapping)
+        self.validator = Validator(version)
+        self.version = version
+
+    def build(self, record: CaseRecord, include_patient: bool) -> tuple[list[Resource], Problem | None]:
+        version, validate = self.version, self.validator.validate
+        resources = [to_version(r, version) for r in self.mapper.case(record, include_patient=include_patient)]
+        for res in resources:
+            problems = validate(res)
+            if problems:
+                return resources, problems[0]
+        return resources, None
+
+
+def _validation_reject(record: CaseRecord, version: FhirVersion, problem: Problem) -> Reject:
+    return Reject(record.row or 0, record.to_row(), problem.location,
+                  f"FHIR {version} validation failed: {problem.message}")
+
+
+class _PatientsPending:
+    """Patients whose Patient resource is still owed because their cases failed validation.
+
+    The reader's index marks the first accepted case of each patient (`new_patient`); the
+    Patient goes out with it. Only when that case then fails FHIR validation does a later case
+    of the patient have to carry the Patient instead; this set holds just those (rare)
+    patients, so emitting each Patient once needs no per-patient state here.
+    """
+
+    def __init__(self) -> None:
+        self._keys: set[bytes] = set()
+
+    def include(self, item: Accepted) -> bool:
+        if item.new_patient:
+            return True
+        return bool(self._keys) and _digest(item.record.patient_id) in self._keys
+
+    def settle(self, record: CaseRecord, included: bool, valid: bool) -> None:
+        if not included:
+            return
+        key = _digest(record.patient_id)
+        if valid:
+            self._keys.discard(key)
+        else:
+            self._keys.add(key)
 
 
 def case_resources(
@@ -56,30 +155,139 @@ def case_resources(
 ) -> Iterator[tuple[CaseRecord, list[Resource]]]:
     """Accepted cases with their validated resources; invalid ones become rejects.
 
-    A Patient is emitted once, with the first accepted case of its patient_id; the set of
-    emitted patients holds 8-byte digests, not resources.
+    A Patient is emitted once, with the first accepted case of its patient_id that passes
+    validation; nothing per case or per patient is kept here (see `_PatientsPending`).
     """
-    mapper = ForwardMapper(mapping)
-    validator = Validator(version)
-    emitted: set[bytes] = set()
+    builder = _CaseBuilder(mapping, version)
+    pending = _PatientsPending()
     for item in reader:
         if isinstance(item, Reject):
             on_reject(item)
             continue
         record = item.record
-        key = _digest(record.patient_id)
-        resources = [to_version(r, version) for r in mapper.case(record, include_patient=key not in emitted)]
-        problems = [p for res in resources for p in validator.validate(res)]
-        if problems:
+        include = pending.include(item)
+        resources, problem = builder.build(record, include)
+        pending.settle(record, include, problem is None)
+        if problem is not None:
             reader.report.accepted -= 1
             reader.report.rejected += 1
-            first = problems[0]
-            on_reject(Reject(record.row or 0, record.to_row(), first.location,
-                             f"FHIR {version} validation failed: {first.message}"))
+            on_reject(_validation_reject(record, version, problem))
             continue
-        emitted.add(key)
         yield record, resources
 
+
+# --- jobs > 1: worker processes map, validate and serialise -------------------------------
+
+Serialized = list[tuple[str, bytes]]  # (resourceType, orjson bytes) per resource
+_Outcome = tuple[Serialized, None] | tuple[None, Problem]
+
+_worker_builder: _CaseBuilder | None = None
+
+
+def _worker_init(mapping: MappingSpec, version: FhirVersion) -> None:
+    global _worker_builder
+    _worker_builder = _CaseBuilder(mapping, version)
+
+
+def _serialize(resources: list[Resource]) -> Serialized:
+    dumps = orjson.dumps
+    return [(r["resourceType"], dumps(r)) for r in resources]
+
+
+def _worker_chunk(cases: list[tuple[CaseRecord, bool]]) -> list[_Outcome]:
+    builder = _worker_builder
+    assert builder is not None, "worker not initialised"
+    out: list[_Outcome] = []
+    for record, include in cases:
+        resources, problem = builder.build(record, include)
+        out.append((None, problem) if problem is not None else (_serialize(resources), None))
+    return out
+
+
+def _chunks(items: Iterable[Accepted | Reject], size: int) -> Iterator[list[Accepted | Reject]]:
+    chunk: list[Accepted | Reject] = []
+    accepted = 0
+    for item in items:
+        chunk.append(item)
+        if isinstance(item, Accepted):
+            accepted += 1
+            if accepted >= size:
+                yield chunk
+                chunk, accepted = [], 0
+    if chunk:
+        yield chunk
+
+
+def _pool_context() -> Any:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def parallel_case_resources(
+    reader: CaseReader,
+    mapping: MappingSpec,
+    version: FhirVersion,
+    on_reject: Callable[[Reject], None],
+    jobs: int,
+) -> Iterator[tuple[CaseRecord, Serialized]]:
+    """`case_resources` with `jobs` worker processes; yields serialised resources, in row order.
+
+    The main process reads rows and keeps the cross-row index; at most 2 x jobs chunks are in
+    flight, so memory stays flat. Rejects reach `on_reject` in row order, as with one process.
+    """
+    pending = _PatientsPending()
+    local: _CaseBuilder | None = None
+    with _pool_context().Pool(jobs, initializer=_worker_init, initargs=(mapping, version)) as pool:
+        inflight: deque[tuple[list[Accepted | Reject], list[bool], AsyncResult[list[_Outcome]]]] = deque()
+
+        def drain() -> Iterator[tuple[CaseRecord, Serialized]]:
+            nonlocal local
+            items, sent_include, task = inflight.popleft()
+            outcomes = iter(task.get())
+            flags = iter(sent_include)
+            for item in items:
+                if isinstance(item, Reject):
+                    on_reject(item)
+                    continue
+                record = item.record
+                data, problem = next(outcomes)
+                sent = next(flags)
+                include = pending.include(item)
+                if include != sent:  # an earlier case of this patient failed: redo it here
+                    local = local or _CaseBuilder(mapping, version)
+                    resources, problem = local.build(record, include)
+                    data = None if problem is not None else _serialize(resources)
+                pending.settle(record, include, problem is None)
+                if problem is not None:
+                    reader.report.accepted -= 1
+                    reader.report.rejected += 1
+                    on_reject(_validation_reject(record, version, problem))
+                    continue
+                assert data is not None
+                yield record, data
+
+        for chunk in _chunks(reader, CHUNK_ROWS):
+            cases = [(item.record, item.new_patient) for item in chunk if isinstance(item, Accepted)]
+            task = pool.apply_async(_worker_chunk, (cases,))
+            inflight.append((chunk, [include for _, include in cases], task))
+            while len(inflight) > 2 * jobs:
+                yield from drain()
+        while inflight:
+            yield from drain()
+
+
+class _RawNdjsonWriter(NdjsonWriter):
+    """NdjsonWriter that also takes resources already serialised by a worker (same bytes)."""
+
+    def write_raw(self, kind: str, data: bytes) -> None:
+        fh = self._files.get(kind)
+        if fh is None:
+            fh = self._files[kind] = (self._tmp / f"{kind}.ndjson").open("wb")
+        fh.write(data)
+        fh.write(b"\n")
+
+
+# --- the import ---------------------------------------------------------------------------
 
 def import_cases(
     source: str | Path,
@@ -90,30 +298,48 @@ def import_cases(
     version: FhirVersion = "R4",
     rejects_path: str | Path | None = None,
     on_accepted: Callable[[Accepted | CaseRecord], None] | None = None,
+    jobs: int = 1,
 ) -> ImportResult:
     """Read a case CSV, map and validate every case, write the output and the rejects file.
 
     File-level problems raise InputError before anything is written; row problems go to the
-    rejects file and never stop the run.
+    rejects file and never stop the run. `jobs > 1` maps and validates in that many worker
+    processes (same output, byte for byte).
     """
     src, out = Path(source), Path(output)
     reader = CaseReader(src, mapping)  # raises InputError for unusable files, nothing written yet
     rej_path = Path(rejects_path) if rejects_path else default_rejects_path(src, out)
     result = ImportResult(report=reader.report, output=out, rejects_path=rej_path)
-    rejects: list[Reject] = []
-    writer = writer_for(out, fmt)
+    counts = result.resources
+    writer = _RawNdjsonWriter(out) if fmt == "ndjson" else writer_for(out, fmt)
+    rejects: RejectsWriter | None = None
     try:
-        for record, resources in case_resources(reader, mapping, version, rejects.append):
-            for res in resources:
-                writer.write(res)
-                result.resources[res["resourceType"]] += 1
-            if on_accepted:
-                on_accepted(record)
+        rejects = RejectsWriter(rej_path)
+        if jobs > 1:
+            for record, serialized in parallel_case_resources(reader, mapping, version, rejects.write, jobs):
+                for kind, data in serialized:
+                    if isinstance(writer, _RawNdjsonWriter):
+                        writer.write_raw(kind, data)
+                    else:
+                        writer.write(orjson.loads(data))
+                    counts[kind] += 1
+                if on_accepted:
+                    on_accepted(record)
+        else:
+            write = writer.write
+            for record, resources in case_resources(reader, mapping, version, rejects.write):
+                for res in resources:
+                    write(res)
+                    counts[res["resourceType"]] += 1
+                if on_accepted:
+                    on_accepted(record)
     except BaseException:
         writer.abort()
+        if rejects is not None:
+            rejects.abort()
         raise
     writer.close()
-    write_rejects(rej_path, rejects)
+    rejects.close()
     return result
 
 
