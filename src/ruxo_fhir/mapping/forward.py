@@ -109,7 +109,10 @@ class ForwardMapper:
             "dosage": [{
                 "text": freq.text,
                 "timing": {
-                    "repeat": {"frequency": freq.frequency, "period": freq.period, "periodUnit": freq.period_unit},
+                    # integral periods as JSON integers: servers echo `1`, not `1.0`, and the push
+                    # ledger / dry-run compare content byte for byte
+                    "repeat": {"frequency": freq.frequency, "period": number(Decimal(str(freq.period))),
+                               "periodUnit": freq.period_unit},
                     "code": {"coding": [timing_code], "text": r.frequency},
                 },
                 "route": {"coding": self.m.codings(med.route.codes), "text": med.route.text},
