@@ -387,3 +387,12 @@ def mutants(draw: st.DrawFn, version: str) -> Resource:
 def test_fast_and_model_verdicts_agree_on_mutated_examples(version: str, data: st.DataObject) -> None:
     resource = data.draw(mutants(version))
     same_verdict(version, resource)
+
+
+def test_a_dict_subclass_that_invents_keys_goes_to_the_model() -> None:
+    from collections import defaultdict
+
+    res: dict[str, Any] = defaultdict(str, first("R4", "Condition", "onsetDateTime"))
+    del res["onsetDateTime"]
+    assert fast_check("R4", res) == MISMATCH
+    same_verdict("R4", res)

@@ -291,16 +291,18 @@ class _Compiler:
         self.env[key] = value
         return key
 
-    def emit(self, line: str, depth: int = 1) -> None:
+    def emit(self, line: str, depth: int = 2) -> None:
         self.lines.append("    " * depth + line)
 
     def compile(self, cls: type, resource: Resource) -> ShapeCheck:
+        # A dict has the shape's keys exactly when it has as many keys and every one of them
+        # can be read: a missing key raises KeyError, which means another shape.
         keys = [k for k in resource if k != "resourceType"]
-        self.emit(f"if r.keys() != {self.const(frozenset(resource))}: return 1")
-        self.emit(f"if r['resourceType'] != {self.const(resource['resourceType'])}: return 1")
+        self.emit(f"if len(r) != {len(resource)} or r['resourceType'] != {self.const(resource['resourceType'])}: "
+                  "return 1", 2)
         self.object_body("r", cls, resource, keys)
-        self.emit("return 0")
-        source = "def check(r):\n" + "\n".join(self.lines) + "\n"
+        source = ("def check(r):\n    try:\n" + "\n".join(self.lines)
+                  + "\n    except KeyError:\n        return 1\n    return 0\n")
         exec(compile(source, f"<fhir shape {resource.get('resourceType')}>", "exec"), self.env)  # noqa: S102
         check: ShapeCheck = self.env["check"]
         check.__doc__ = source  # for debugging: the generated code
@@ -335,7 +337,7 @@ class _Compiler:
             return
         if type(value) is not dict or not value or "resourceType" in value:
             raise _Unsupported(kind.__name__)
-        self.emit(f"if type({var}) is not dict or {var}.keys() != {self.const(frozenset(value))}: return 1")
+        self.emit(f"if type({var}) is not dict or len({var}) != {len(value)}: return 1")
         self.object_body(var, kind, value, list(value))
 
     def leaf(self, var: str, kind: Primitive, value: Any) -> None:
@@ -402,6 +404,8 @@ class FastPath:
 
     def check(self, resource: Resource) -> int:
         """OK: proven valid; UNSURE: a known shape with a leaf not proven; MISMATCH: unknown shape."""
+        if type(resource) is not dict:  # a dict subclass might answer missing keys (defaultdict)
+            return MISMATCH
         candidates = self._shapes.get((resource["resourceType"], tuple(resource)))
         if not candidates:
             return MISMATCH
