@@ -58,6 +58,10 @@ def handles_errors(func: F) -> F:
         except BrokenPipeError:
             sys.stderr.close()
             sys.exit(0)
+        except OSError as exc:  # e.g. an output folder that is a file, a full disk, no permission
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}cannot read or write ({exc.strerror or type(exc).__name__})", err=True)
+            sys.exit(EXIT_INPUT)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)

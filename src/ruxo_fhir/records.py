@@ -26,6 +26,7 @@ _FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _YEAR_MONTH = re.compile(r"^\d{4}-\d{2}$")
 _YEAR = re.compile(r"^\d{4}$")
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
+MAX_SIGNIFICANT_DIGITS = 15
 _YES = {"yes", "y", "true", "1", "oui", "o"}
 _NO = {"no", "n", "false", "0", "non"}
 
@@ -216,6 +217,11 @@ def _decimal(column: str, value: str) -> Decimal:
         raise _RowError(column, f"not a number: {value!r}") from None
     if not number.is_finite():
         raise _RowError(column, f"not a finite number: {value!r}")
+    digits = len(number.normalize().as_tuple().digits)
+    if digits > MAX_SIGNIFICANT_DIGITS:
+        # FHIR servers and JSON tools commonly hold decimals as IEEE doubles (15 digits exact);
+        # more digits would not survive a round trip, and spreadsheets never export more.
+        raise _RowError(column, f"{value!r} has {digits} significant digits (at most {MAX_SIGNIFICANT_DIGITS})")
     return number
 
 
