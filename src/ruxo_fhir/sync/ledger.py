@@ -23,9 +23,21 @@ def state_dir() -> Path:
     return Path(env) if env else Path(platformdirs.user_state_dir("ruxo-fhir"))
 
 
+def _same_numbers(node: Any) -> Any:
+    """Integral floats as ints: a server echoes 2.0 as 2, which is the same FHIR decimal value."""
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    if isinstance(node, dict):
+        return {k: _same_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_same_numbers(v) for v in node]
+    return node
+
+
 def content_hash(resource: dict[str, Any]) -> str:
-    """Hash of the resource without `meta` (servers rewrite meta on every write)."""
-    body = {k: v for k, v in resource.items() if k != "meta"}
+    """Hash of the resource's content without `meta` (servers rewrite meta on every write),
+    numbers compared by value so a server's re-rendering of 2.0 as 2 is not a change."""
+    body = _same_numbers({k: v for k, v in resource.items() if k != "meta"})
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
