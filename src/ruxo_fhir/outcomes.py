@@ -17,7 +17,7 @@ from typing import Any
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.forward import ROLE_RESPONSE, ForwardMapper, number
 from ruxo_fhir.mapping.ids import ref
-from ruxo_fhir.mapping.reverse import identifier_value, reference_key
+from ruxo_fhir.mapping.reverse import day, identifier_value, json_decimal, reference_key
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.outcomes_rule import (
     CATEGORIES,
@@ -101,16 +101,6 @@ class CohortOutcomes:
         }
 
 
-def _dec(value: Any) -> Decimal | None:
-    if value is None or isinstance(value, bool):
-        return None
-    return Decimal(str(value))
-
-
-def _day(value: Any) -> str | None:
-    return str(value)[:10] if value else None
-
-
 class OutcomeCollector:
     """Feed resources in any order with `add`, then call `result()`."""
 
@@ -146,7 +136,7 @@ class OutcomeCollector:
                     case_id=case_id, statement_key=key,
                     patient_key=reference_key(res.get("subject", {}).get("reference")),
                     condition_key=reference_key(reasons[0].get("reference")),
-                    start=_day(res.get("effectivePeriod", {}).get("start") or res.get("effectiveDateTime")),
+                    start=day(res.get("effectivePeriod", {}).get("start") or res.get("effectiveDateTime")),
                 )
         elif kind == "Condition":
             label = self._labels._label(res.get("code"), "indication", self.m.indications)
@@ -180,8 +170,8 @@ class OutcomeCollector:
         part = identifier_value(obs, self.m.identifier_systems.resource)
         if part and ":" in part:
             role = part.rsplit(":", 1)[1]
-        value = _Value(_day(obs.get("effectiveDateTime") or (obs.get("effectivePeriod") or {}).get("end")),
-                       _dec(qty.get("value")), key, qty.get("code") or qty.get("unit"),
+        value = _Value(day(obs.get("effectiveDateTime") or (obs.get("effectivePeriod") or {}).get("end")),
+                       json_decimal(qty.get("value")), key, qty.get("code") or qty.get("unit"),
                        obs.get("code", {}).get("text") or (score or {}).get("code"), role)
         improvements, scores = self._state(ms_key)
         (improvements if is_improvement else scores).append(value)

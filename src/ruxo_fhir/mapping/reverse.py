@@ -50,13 +50,15 @@ def identifier_value(resource: Resource, system: str) -> str | None:
     return None
 
 
-def _decimal(value: Any) -> Decimal | None:
+def json_decimal(value: Any) -> Decimal | None:
+    """A JSON number as an exact Decimal (via its shortest text), None for absent/booleans."""
     if value is None or isinstance(value, bool):
         return None
     return Decimal(str(value))
 
 
-def _date(value: Any) -> str | None:
+def day(value: Any) -> str | None:
+    """The YYYY-MM-DD part of a FHIR date/dateTime (shorter partial dates pass through)."""
     return str(value)[:10] if value else None
 
 
@@ -191,14 +193,14 @@ class CaseAssembler:
                 self._label(r.get("medicationCodeableConcept"), "prior_treatment", self.m.prior_treatments)
                 for r in self._indexed(parts, ROLE_PRIOR)
             ),
-            treatment_start=_date(statement.get("effectivePeriod", {}).get("start")
+            treatment_start=day(statement.get("effectivePeriod", {}).get("start")
                                   or statement.get("effectiveDateTime")) or "",
             frequency=self._frequency(statement),
-            evaluation_date=_date(improvement.get("effectiveDateTime") or followup.get("effectiveDateTime")),
-            improvement_pct=_decimal(improvement.get("valueQuantity", {}).get("value")),
+            evaluation_date=day(improvement.get("effectiveDateTime") or followup.get("effectiveDateTime")),
+            improvement_pct=json_decimal(improvement.get("valueQuantity", {}).get("value")),
             score_name=(score.get("code", {}).get("text") if score else None),
-            baseline_score=_decimal(baseline.get("valueQuantity", {}).get("value")),
-            followup_score=_decimal(followup.get("valueQuantity", {}).get("value")),
+            baseline_score=json_decimal(baseline.get("valueQuantity", {}).get("value")),
+            followup_score=json_decimal(followup.get("valueQuantity", {}).get("value")),
             adverse_events=tuple(
                 self._label(r.get("event"), "adverse_event", self.m.adverse_events)
                 for r in self._indexed(parts, ROLE_ADVERSE)
