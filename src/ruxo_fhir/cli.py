@@ -287,10 +287,10 @@ def pop_server(kwargs: dict[str, Any], required: bool = True) -> Any:
     return resolve_settings(opts.pop("profile"), opts.pop("config_path"), url=opts.pop("server"), **opts)
 
 
-def client_for(settings: Any) -> Any:
+def client_for(settings: Any, *, quick: bool = False) -> Any:
     from ruxo_fhir.connect import make_client
 
-    return make_client(settings)
+    return make_client(settings, quick=quick)
 
 
 class Progress:
@@ -626,7 +626,7 @@ def check_cmd(obj: Ctx, /, fhir_version: str, **kwargs: Any) -> None:
 
     settings = pop_server(kwargs)
     version = as_version(settings.fhir_version or fhir_version)
-    client = client_for(settings)
+    client = client_for(settings, quick=True)
     token_info = None
     try:
         auth = client.auth

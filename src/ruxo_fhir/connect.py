@@ -92,10 +92,13 @@ def resolve_settings(profile: str | None, config: Path | None, **flags: Any) -> 
     return settings
 
 
-def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None) -> Any:
-    """A transport.FhirClient for the settings; secrets come from the environment only."""
+def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None, *, quick: bool = False) -> Any:
+    """A transport.FhirClient for the settings; secrets come from the environment only.
+
+    `quick`: a short retry budget (a connection check should answer in seconds, not minutes).
+    """
     from ruxo_fhir.transport.auth import auth_from_options, default_auth_kind
-    from ruxo_fhir.transport.rest import FhirClient
+    from ruxo_fhir.transport.rest import FhirClient, RetryPolicy
 
     env = os.environ if env is None else env
     assert settings.url
@@ -122,4 +125,7 @@ def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None) 
     kwargs: dict[str, Any] = {"auth": auth, "verify": verify}
     if settings.timeout:
         kwargs["timeout"] = settings.timeout
+    if quick:
+        kwargs["retry"] = RetryPolicy(max_attempts=2, max_total_seconds=3.0)
+        kwargs.setdefault("timeout", 15.0)
     return FhirClient(settings.url, **kwargs)

@@ -25,6 +25,7 @@ from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.sync.ledger import Ledger, content_hash
 
 log = logging.getLogger("ruxo_fhir.sync")
+LEDGER_WINDOW = 1000  # entries whose server versions are checked together on a re-push
 Resource = dict[str, Any]
 
 _TOO_BIG = re.compile(r"too[- ]costly|too (many|large)|exceed|maximum|limit", re.I)
@@ -256,9 +257,23 @@ class Pusher:
             if self.opt.mode_explicit:
                 raise CapabilityError("server does not support transactions; use --mode batch")
             self._switch_to_batch("server declares batch but not transaction")
+        # The ledger check reads versions for a window of several chunks at once (fewer,
+        # fuller `_id` searches on a re-push); memory stays bounded by the window.
+        window: list[list[Group]] = []
         for chunk in chunk_groups(group_resources(resources, self.mapping), self.result.batch_size):
-            self._push_chunk(chunk)
+            window.append(chunk)
+            if sum(len(g.resources) for c in window for g in c) >= LEDGER_WINDOW:
+                self._push_window(window)
+                window = []
+        if window:
+            self._push_window(window)
         return self.result
+
+    def _push_window(self, window: list[list[Group]]) -> None:
+        hashes = {self._key(r): content_hash(r) for c in window for g in c for r in g.resources}
+        unchanged = self._unchanged(hashes)
+        for chunk in window:
+            self._push_chunk(chunk, hashes, unchanged)
 
     def _notice(self, text: str) -> None:
         log.warning(text)
@@ -269,18 +284,17 @@ class Pusher:
         self._notice(f"switching to batch mode: {why}")
 
     # -- one chunk -----------------------------------------------------------------------
-    def _push_chunk(self, chunk: list[Group]) -> None:
+    def _push_chunk(self, chunk: list[Group], hashes: dict[str, str], unchanged: set[str]) -> None:
         resources = [r for g in chunk for r in g.resources]
         self.result.total += len(resources)
-        hashes = {self._key(r): content_hash(r) for r in resources}
-        unchanged = self._unchanged(hashes)
         for res in resources:
             if self._key(res) in unchanged:
                 self.result.count(res["resourceType"], "unchanged")
         todo = [Group(g.case_id, [r for r in g.resources if self._key(r) not in unchanged]) for g in chunk]
         todo = [g for g in todo if g.resources]
-        if len(unchanged):
-            self.on_progress(len(unchanged))
+        skipped = sum(1 for r in resources if self._key(r) in unchanged)
+        if skipped:
+            self.on_progress(skipped)
         if todo:
             self._send(todo, hashes)
 
