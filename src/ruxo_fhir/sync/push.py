@@ -10,12 +10,14 @@ under concurrent retries (two creates racing past `If-None-Exist`).
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ruxo_fhir.bundle import make_bundle, put_entry
 from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError, TemporaryServerError
@@ -27,6 +29,7 @@ from ruxo_fhir.sync.ledger import Ledger, content_hash
 log = logging.getLogger("ruxo_fhir.sync")
 LEDGER_WINDOW = 1000  # entries whose server versions are checked together on a re-push
 Resource = dict[str, Any]
+T = TypeVar("T")
 
 _TOO_BIG = re.compile(r"too[- ]costly|too (many|large)|exceed|maximum|limit", re.I)
 _NO_TRANSACTION = re.compile(r"transaction", re.I)
@@ -205,6 +208,44 @@ def reference_levels(resources: list[Resource]) -> list[list[Resource]]:
     return [lv for lv in out if lv]
 
 
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Produce items in a background thread while the caller works on the previous ones.
+
+    Pipelines chunk building (reading, mapping, validating, grouping) with sending: the
+    network wait releases the GIL. Order is kept; an error in the producer is re-raised here.
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(("item", item))
+            q.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put(("error", exc))
+
+    worker = threading.Thread(target=produce, name="ruxo-push-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)
+
+
 # --- the pusher -------------------------------------------------------------------------
 
 def _status_code(status: str | None) -> int:
@@ -260,7 +301,8 @@ class Pusher:
         # The ledger check reads versions for a window of several chunks at once (fewer,
         # fuller `_id` searches on a re-push); memory stays bounded by the window.
         window: list[list[Group]] = []
-        for chunk in chunk_groups(group_resources(resources, self.mapping), self.result.batch_size):
+        chunks = chunk_groups(group_resources(resources, self.mapping), self.result.batch_size)
+        for chunk in prefetch(chunks, depth=2):
             window.append(chunk)
             if sum(len(g.resources) for c in window for g in c) >= LEDGER_WINDOW:
                 self._push_window(window)
