@@ -1,0 +1,487 @@
+"""ruxo-fhir benchmark: every stage beside its floor, measured in the same run.
+
+    python benchmarks/bench.py                   # N = 10k and 100k, push/pull on 2k rows
+    python benchmarks/bench.py --full            # adds N = 1M (about an hour on 2 slow cores)
+    python benchmarks/bench.py --sizes 10000 --push-rows 1000 --write-readme
+
+Stages and floors (ratios, not absolute times: shared machines are noisy):
+
+- import+validate: `ruxo-fhir import --format ndjson` in a subprocess (per-row time = wall(N)
+  minus wall(1 row), so interpreter start and model loading are not counted) vs. a floor
+  that only writes the same resources, already parsed into memory, with orjson to a file.
+  Peak RSS is sampled over the whole process tree (main + --jobs workers, summed).
+- where the import time goes, per row, on min(N, 20k) rows in this process.
+- push: `ruxo_fhir.sync.push.push` (FhirClient, fresh ledger in a temp dir) vs. `requests.post`
+  of the same transaction bundles, prepared (serialised) beforehand, to the same test server
+  (tests/fhirserver.TestFhirServer), reset in between. Then a re-push of the same data: write
+  entries sent (must be 0) and requests.
+- pull: `ruxo_fhir.sync.pull.pull_cohort` to ndjson vs. raw paging GETs of every cohort type
+  following next links (requests), same page size.
+
+Not collected by pytest (no test_ prefix, outside tests/).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import platform
+import pstats
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
+
+import gen_cases  # noqa: E402
+
+from ruxo_fhir.bundle import make_bundle, put_entry  # noqa: E402
+from ruxo_fhir.fhir_version import to_version  # noqa: E402
+from ruxo_fhir.importer import case_resources  # noqa: E402
+from ruxo_fhir.mapping.forward import ForwardMapper  # noqa: E402
+from ruxo_fhir.mapping.spec import load_mapping  # noqa: E402
+from ruxo_fhir.records import CaseReader, Reject  # noqa: E402
+from ruxo_fhir.validate import Validator  # noqa: E402
+
+Resource = dict[str, Any]
+COHORT_TYPES = ("Patient", "Condition", "MedicationStatement", "Observation", "AdverseEvent")
+
+
+# --- process-tree memory --------------------------------------------------------------------
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _field_kb(path: str, name: bytes) -> int:
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.startswith(name):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Samples RSS and PSS summed over a process and its descendants (20 Hz)."""
+
+    def __init__(self, pid: int, skip_root: bool = False) -> None:
+        self.pid = pid
+        self.skip_root = skip_root
+        self.peak_rss_kb = 0
+        self.peak_pss_kb = 0
+        self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            tree = _children()
+            pids, todo = [], [self.pid]
+            while todo:
+                pid = todo.pop()
+                if pid != self.pid or not self.skip_root:
+                    pids.append(pid)
+                todo.extend(tree.get(pid, []))
+            rss = sum(_field_kb(f"/proc/{p}/status", b"VmRSS:") for p in pids)
+            pss = sum(_field_kb(f"/proc/{p}/smaps_rollup", b"Pss:") for p in pids)
+            self.peak_rss_kb = max(self.peak_rss_kb, rss)
+            self.peak_pss_kb = max(self.peak_pss_kb, pss)
+            self.peak_procs = max(self.peak_procs, len(pids))
+            self._stop.wait(0.05)
+
+
+def run_import(csv_path: Path, out: Path, jobs: int) -> dict[str, Any]:
+    """`ruxo-fhir import --format ndjson` in a subprocess: wall, peak tree RSS/PSS, max RSS."""
+    cmd = [sys.executable, "-m", "ruxo_fhir", "-q", "import", str(csv_path), "-o", str(out),
+           "--format", "ndjson", "--jobs", str(jobs), "--rejects", str(out.parent / f"{out.name}.rejects.csv")]
+    # ru_maxrss of a child forked from this (large) process starts at our own size, so the
+    # per-process maximum comes from GNU time, which forks from a small process.
+    timefile = out.parent / f"{out.name}.time"
+    wrapped = Path("/usr/bin/time").exists()
+    if wrapped:
+        cmd = ["/usr/bin/time", "-f", "%M", "-o", str(timefile), *cmd]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with TreeMemory(proc.pid, skip_root=wrapped) as mem:
+        err = proc.communicate()[1].decode()
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"import failed ({proc.returncode}): {err}")
+    max_rss = float("nan")
+    with contextlib.suppress(OSError, ValueError):
+        max_rss = int(timefile.read_text().split()[-1]) / 1024
+    return {"wall": wall, "tree_rss_mb": mem.peak_rss_kb / 1024, "tree_pss_mb": mem.peak_pss_kb / 1024,
+            "max_rss_mb": max_rss, "procs": mem.peak_procs, "summary": err.strip().splitlines()[-1]}
+
+
+# --- floors -----------------------------------------------------------------------------------
+
+def orjson_floor(ndjson_dir: Path, target: Path, batch: int = 50_000) -> tuple[float, int]:
+    """Seconds to orjson-serialise and write the resources of an ndjson folder, parsed beforehand
+    in batches (parsing is not timed), and how many resources that was."""
+    seconds, count = 0.0, 0
+    with target.open("wb") as out:
+        for path in sorted(ndjson_dir.glob("*.ndjson")):
+            with path.open("rb") as fh:
+                while True:
+                    lines = [line for _, line in zip(range(batch), fh)]
+                    if not lines:
+                        break
+                    resources = [orjson.loads(line) for line in lines]
+                    del lines
+                    dumps, write = orjson.dumps, out.write
+                    t0 = time.perf_counter()
+                    for res in resources:
+                        write(dumps(res))
+                        write(b"\n")
+                    out.flush()
+                    seconds += time.perf_counter() - t0
+                    count += len(resources)
+    return seconds, count
+
+
+# --- where the time goes ----------------------------------------------------------------------
+
+def stage_breakdown(csv_path: Path, version: str = "R4") -> dict[str, float]:
+    """Microseconds per row for each step of the import, in this process."""
+    mapping = load_mapping(None)
+    t0 = time.perf_counter()
+    items = [i for i in CaseReader(csv_path, mapping) if not isinstance(i, Reject)]
+    t_read = time.perf_counter() - t0
+    mapper = ForwardMapper(mapping)
+    t0 = time.perf_counter()
+    per_case = [mapper.case(i.record, include_patient=i.new_patient) for i in items]
+    t_map = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    per_case = [[to_version(r, version) for r in rs] for rs in per_case]  # type: ignore[arg-type]
+    t_version = time.perf_counter() - t0
+    flat = [r for rs in per_case for r in rs]
+    model = Validator(version, fast=False)  # type: ignore[arg-type]
+    for kind in sorted({r["resourceType"] for r in flat}):  # load the model classes (one-off, ~1 s)
+        model.validate(next(r for r in flat if r["resourceType"] == kind))
+    fast = Validator(version)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    bad = sum(1 for r in flat if fast.validate(r))
+    t_fast = time.perf_counter() - t0
+    sample = flat[: min(len(flat), 3000)]
+    t0 = time.perf_counter()
+    for r in sample:
+        model.validate(r)
+    t_model = (time.perf_counter() - t0) * len(flat) / max(1, len(sample))
+    with tempfile.TemporaryFile() as fh:
+        t0 = time.perf_counter()
+        for r in flat:
+            fh.write(orjson.dumps(r))
+            fh.write(b"\n")
+        t_floor = time.perf_counter() - t0
+    n = len(items)
+    assert fast.fast is not None
+    return {"rows": n, "resources": len(flat), "invalid": bad, "read+parse+cross-row": t_read / n * 1e6,
+            "map": t_map / n * 1e6, "to_version": t_version / n * 1e6, "validate (fast path)": t_fast / n * 1e6,
+            "validate (model only, extrapolated)": t_model / n * 1e6, "orjson floor": t_floor / n * 1e6,
+            "shapes": fast.fast.stats.compiled, "model calls": fast.fast.stats.model}
+
+
+def profile_import(csv_path: Path, out: Path, top: int = 12) -> str:
+    from ruxo_fhir.importer import import_cases
+
+    prof = cProfile.Profile()
+    prof.enable()
+    import_cases(csv_path, out, mapping=load_mapping(None), fmt="ndjson")
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+# --- server stages ----------------------------------------------------------------------------
+
+def cohort(n: int, seed: int, tmp: Path) -> list[Resource]:
+    """The validated resources of n generated rows, in case order (as push receives them)."""
+    path = gen_cases.write_cases(tmp / f"push{n}.csv", n, seed)
+    mapping = load_mapping(None)
+    return [r for _rec, rs in case_resources(CaseReader(path, mapping), mapping, "R4", lambda rej: None) for r in rs]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
+
+
+def server_stages(resources: list[Resource], batch: int, page: int, tmp: Path, repeat: int) -> dict[str, Any]:
+    import requests
+    from fhirserver import TestFhirServer
+
+    from ruxo_fhir.bundle import NdjsonWriter
+    from ruxo_fhir.sync.ledger import Ledger
+    from ruxo_fhir.sync.pull import PullOptions, pull_cohort
+    from ruxo_fhir.sync.push import PushOptions, chunk_groups, group_resources, push
+    from ruxo_fhir.transport.rest import FhirClient
+
+    mapping = load_mapping(None)
+    bodies = [orjson.dumps(make_bundle([put_entry(r) for g in chunk for r in g.resources], "transaction"))
+              for chunk in chunk_groups(group_resources(resources, mapping), batch)]
+    out: dict[str, Any] = {"entries": len(resources), "bundles": len(bodies), "batch": batch, "page": page}
+    server = TestFhirServer(config={"page_size": page}).start()
+    try:
+        base = server.base_url
+        session = requests.Session()
+        headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+
+        def raw_post() -> None:
+            for body in bodies:
+                r = session.post(base, data=body, headers=headers, timeout=600)
+                r.raise_for_status()
+
+        def raw_pull() -> int:
+            n = 0
+            with (tmp / "raw-pull.ndjson").open("wb") as fh:
+                for kind in COHORT_TYPES:
+                    url: str | None = f"{base}/{kind}?_count={page}"
+                    while url:
+                        bundle = session.get(url, headers=headers, timeout=600).json()
+                        for e in bundle.get("entry") or []:
+                            fh.write(orjson.dumps(e["resource"]))
+                            fh.write(b"\n")
+                            n += 1
+                        url = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
+            return n
+
+        # warm-up: the server's first requests pay for JIT compilation
+        for body in bodies[:3]:
+            session.post(base, data=body, headers=headers, timeout=600).raise_for_status()
+        raw_pull()
+        raw_times, push_times = [], []
+        for i in range(repeat):
+            server.reset()
+            raw_times.append(timed(raw_post)[0])
+            server.reset()
+            ledger_dir = Path(tempfile.mkdtemp(dir=tmp, prefix="ledger"))
+            client = FhirClient(base)
+            with Ledger(ledger_dir / "ledger.sqlite3") as ledger:
+                t, result = timed(lambda: push(client, resources, mapping, PushOptions(batch_size=batch),
+                                               ledger=ledger))
+                push_times.append(t)
+                assert result.created == len(resources), result.summary_line
+                out["push_requests"] = client.request_count
+                out["push_bundles"] = result.bundles_sent
+                if i == repeat - 1:  # re-push the unchanged data with the same ledger
+                    before = server.stats()
+                    again = FhirClient(base)
+                    t2, res2 = timed(lambda: push(again, resources, mapping, PushOptions(batch_size=batch),
+                                                  ledger=ledger))
+                    after = server.stats()
+                    out["repush_s"] = t2
+                    out["repush_unchanged"] = res2.unchanged
+                    out["repush_entries_written"] = after["entries_written"] - before["entries_written"]
+                    out["repush_writes"] = after["writes"] - before["writes"]
+                    out["repush_requests"] = again.request_count
+        out["raw_post_s"], out["push_s"] = min(raw_times), min(push_times)
+        # pull what is now on the server
+        pull_times, raw_pull_times, replay_times = [], [], []
+        for _ in range(1):
+            t, n_raw = timed(raw_pull)
+            raw_pull_times.append(t)
+            client = FhirClient(base)
+
+            def our_pull(client: FhirClient = client) -> int:
+                writer = NdjsonWriter(tmp / "pulled")
+                n = 0
+                for res in pull_cohort(client, mapping, PullOptions(page_size=page)):
+                    writer.write(res)
+                    n += 1
+                writer.close()
+                return n
+
+            urls: list[str] = []
+            client.session.hooks["response"].append(lambda r, *a, **k: urls.append(r.url))
+            t, n_ours = timed(our_pull)
+            pull_times.append(t)
+            out["pull_requests"] = client.request_count
+
+            def replay(urls: list[str] = urls) -> None:
+                for url in urls:
+                    session.get(url, headers=headers, timeout=600).json()
+
+            replay_times.append(timed(replay)[0])
+        out["pull_s"], out["raw_pull_s"] = min(pull_times), min(raw_pull_times)
+        out["replay_s"] = min(replay_times)
+        out["pulled"], out["raw_pulled"] = n_ours, n_raw
+    finally:
+        server.stop()
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = _field_kb("/proc/meminfo", b"MemTotal:") / 1024 / 1024
+    load = os.getloadavg()
+    return (f"nproc {os.cpu_count()}, CPU {model}, RAM {mem:.0f} GB, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}, load average at start {load[0]:.1f}")
+
+
+def fmt_ratio(value: float, target: float | None = None) -> str:
+    text = f"{value:.2f}x"
+    if target is not None:
+        text += " (ok)" if value <= target else f" (target {target:g}x)"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000", help="comma-separated row counts (default 10k,100k)")
+    ap.add_argument("--full", action="store_true", help="also N = 1,000,000")
+    ap.add_argument("--jobs", default="1,2", help="--jobs values to run the import with (default 1,2)")
+    ap.add_argument("--push-rows", type=int, default=1000,
+                    help="rows pushed/pulled (default 1000; the test server's searches grow ~quadratically)")
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--page-size", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=2, help="push: best of R runs (default 2); pull runs once")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-server", action="store_true", help="skip push/pull")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of a 5k-row import")
+    ap.add_argument("--write-readme", action="store_true", help="replace the results in benchmarks/README.md")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    args = ap.parse_args(argv)
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.full and 1_000_000 not in sizes:
+        sizes.append(1_000_000)
+    jobs_list = [int(j) for j in args.jobs.split(",") if j]
+    tmp_ctx = contextlib.nullcontext(str(args.workdir)) if args.workdir else tempfile.TemporaryDirectory(
+        prefix="ruxo-bench-")
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    with tmp_ctx as tmp_name:
+        tmp = Path(tmp_name)
+        tmp.mkdir(parents=True, exist_ok=True)
+        say(f"machine: {machine()}")
+        say(f"started {time.strftime('%Y-%m-%d %H:%M:%S')}, seed {args.seed}")
+        say()
+        few = 20  # rows that already bring every resource type: start-up incl. loading the model classes
+        one = gen_cases.write_cases(tmp / "startup.csv", few, args.seed)
+        startup = {j: min(run_import(one, tmp / f"startup-out{j}", j)["wall"] for _ in range(2)) for j in jobs_list}
+        say(f"## import --format ndjson (subprocess; per-row time excludes the {few}-row start-up: "
+            + ", ".join(f"jobs {j}: {s:.2f} s" for j, s in startup.items()) + ")")
+        say()
+        say("| rows | jobs | wall s | rows/s | floor: orjson write s | import / floor | peak RSS, tree sum | "
+            "peak PSS, tree sum | max RSS of one process |")
+        say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n in sizes:
+            csv_path = gen_cases.write_cases(tmp / f"cases{n}.csv", n, args.seed)
+            floor_s: float | None = None
+            for j in jobs_list:
+                out = tmp / f"out{n}-{j}"
+                r = run_import(csv_path, out, j)
+                work = max(1e-9, r["wall"] - startup[j]) * n / (n - few)
+                if floor_s is None:
+                    floor_s, count = orjson_floor(out, tmp / "floor.ndjson")
+                say(f"| {n:,} | {j} | {r['wall']:.1f} | {n / work:,.0f} | {floor_s:.2f} | "
+                    f"{fmt_ratio(work / floor_s, 10)} | {r['tree_rss_mb']:.0f} MB ({r['procs']} procs) | "
+                    f"{r['tree_pss_mb']:.0f} MB | {r['max_rss_mb']:.0f} MB |")
+                with contextlib.suppress(OSError):
+                    subprocess.run(["rm", "-rf", str(out)], check=False)
+            (tmp / "floor.ndjson").unlink(missing_ok=True)
+            if n >= 1_000_000:
+                (csv_path).unlink(missing_ok=True)
+        say()
+        sample = gen_cases.write_cases(tmp / "sample.csv", min(sizes[0], 20_000), args.seed)
+        b = stage_breakdown(sample)
+        floor_us = b["orjson floor"]
+        say(f"## where an import row's time goes ({b['rows']:,} rows, {b['resources']:,} resources, "
+            f"in process, jobs 1; {b['shapes']} shapes compiled, {b['model calls']} model calls)")
+        say()
+        say("| step | µs per row | × orjson floor |")
+        say("|---|---:|---:|")
+        for key in ("read+parse+cross-row", "map", "to_version", "validate (fast path)",
+                    "validate (model only, extrapolated)", "orjson floor"):
+            say(f"| {key} | {b[key]:.0f} | {b[key] / floor_us:.1f} |")
+        say()
+        if args.profile:
+            say("```")
+            say(profile_import(gen_cases.write_cases(tmp / "prof.csv", 5000, args.seed), tmp / "prof-out"))
+            say("```")
+        if not args.no_server:
+            resources = cohort(args.push_rows, args.seed, tmp)
+            s = server_stages(resources, args.batch_size, args.page_size, tmp, args.repeat)
+            say(f"## server stages ({args.push_rows:,} rows = {s['entries']:,} resources; batch {s['batch']}, "
+                f"page {s['page']}; test server = Medplum fhir-router in memory; push best of {args.repeat})")
+            say()
+            say("| stage | ours s | floor s | ratio | requests |")
+            say("|---|---:|---:|---:|---:|")
+            say(f"| push (first) vs raw requests.post of the same {s['bundles']} bundles | {s['push_s']:.2f} | "
+                f"{s['raw_post_s']:.2f} | {fmt_ratio(s['push_s'] / s['raw_post_s'], 1.3)} | {s['push_requests']} |")
+            say(f"| re-push unchanged: {s['repush_entries_written']} write entries sent "
+                f"({s['repush_writes']} write requests), {s['repush_unchanged']} unchanged | {s['repush_s']:.2f} | "
+                f"- | - | {s['repush_requests']} |")
+            say(f"| pull ({s['pulled']:,} resources) vs raw paging GETs ({s['raw_pulled']:,}) | {s['pull_s']:.2f} | "
+                f"{s['raw_pull_s']:.2f} | {fmt_ratio(s['pull_s'] / s['raw_pull_s'])} | {s['pull_requests']} |")
+            say(f"| pull vs raw GETs of the very URLs pull requested (isolates client overhead) | "
+                f"{s['pull_s']:.2f} | {s['replay_s']:.2f} | {fmt_ratio(s['pull_s'] / s['replay_s'])} | "
+                f"{s['pull_requests']} |")
+            say()
+        say(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if args.write_readme:
+        write_readme(lines, argv if argv is not None else sys.argv[1:])
+    return 0
+
+
+def write_readme(lines: list[str], argv: list[str]) -> None:
+    readme = REPO / "benchmarks" / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    body = "\n".join([begin, "", f"`python benchmarks/bench.py {' '.join(argv)}`".replace("  ", " "), "", *lines, "", end])
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + body + text[text.index(end) + len(end):]
+    else:
+        text += "\n" + body + "\n"
+    readme.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
