@@ -20,8 +20,9 @@ The verdict is therefore the model's verdict, only cheaper; the problems reporte
 invalid resource always come from the model. The primitive type of each element is read from
 the model classes' field annotations (cached per class), not from a hand-written table. Element
 kinds the compiler does not know (contained resources, primitive extensions `_x`, url, time,
-uuid, base64Binary, xhtml, JSON null, a JSON type other than the primitive's own) make the
-shape "model only". tests/test_validate_fastpath.py holds the equivalence tests.
+uuid, base64Binary, xhtml, JSON null, empty lists or objects, a JSON type other than the
+primitive's own) make the shape "model only". tests/test_validate_fastpath.py holds the
+equivalence tests.
 """
 from __future__ import annotations
 
