@@ -31,7 +31,9 @@ LEDGER_WINDOW = 1000  # entries whose server versions are checked together on a 
 Resource = dict[str, Any]
 T = TypeVar("T")
 
-_TOO_BIG = re.compile(r"too[- ]costly|too (many|large)|exceed|maximum|limit", re.I)
+# A size refusal, not a validation error ("value exceeds maximum length" must not shrink chunks).
+_TOO_BIG = re.compile(r"too[- ]costly|(bundle|entries|entry count|request|payload)\b[^.;]*"
+                      r"(too (many|large|big)|exceed|maximum|limit)", re.I)
 _NO_TRANSACTION = re.compile(r"transaction", re.I)
 _NOT_SUPPORTED = re.compile(r"not (supported|allowed|implemented)|only batch|batch[- ]only|unsupported", re.I)
 
