@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import tempfile
+from collections.abc import Iterable
+from typing import IO
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ruxo_fhir.bundle import atomic_write_bytes, iter_resources
+from ruxo_fhir.bundle import iter_resources
 from ruxo_fhir.mapping.reverse import CaseAssembler
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.records import CANONICAL_COLUMNS, CaseRecord
@@ -20,24 +24,46 @@ class ExportResult:
 
 
 def read_cases(source: str | Path, mapping: MappingSpec) -> tuple[list[CaseRecord], CaseAssembler]:
-    """All case records found in a Bundle / ndjson source, with the assembler's counters."""
-    assembler = CaseAssembler(mapping).add_all(iter_resources(source))
-    return list(assembler.records()), assembler
+    """All case records of a small source as a list (library convenience; export streams)."""
+    with CaseAssembler(mapping) as assembler:
+        assembler.add_all(iter_resources(source))
+        return list(assembler.records()), assembler
 
 
-def render_csv(records: list[CaseRecord], *, excel: bool = False) -> bytes:
+def render_csv(records: Iterable[CaseRecord], *, excel: bool = False) -> bytes:
+    """Canonical CSV as bytes (for small outputs; `write_csv` streams)."""
+    buf = io.BytesIO()
+    write_csv(records, buf, excel=excel)
+    return buf.getvalue()
+
+
+def write_csv(records: Iterable[CaseRecord], out: IO[bytes], *, excel: bool = False) -> int:
     """Canonical CSV: UTF-8 without BOM and commas; `excel` adds a BOM and uses `;`."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CANONICAL_COLUMNS, delimiter=";" if excel else ",",
+    text = io.TextIOWrapper(out, encoding="utf-8-sig" if excel else "utf-8", newline="", write_through=True)
+    writer = csv.DictWriter(text, fieldnames=CANONICAL_COLUMNS, delimiter=";" if excel else ",",
                             lineterminator="\r\n" if excel else "\n")
     writer.writeheader()
+    n = 0
     for record in records:
         writer.writerow(record.to_row())
-    data = buf.getvalue().encode("utf-8")
-    return b"\xef\xbb\xbf" + data if excel else data
+        n += 1
+    text.flush()
+    text.detach()
+    return n
 
 
 def export_cases(source: str | Path, output: str | Path, *, mapping: MappingSpec, excel: bool = False) -> ExportResult:
-    records, assembler = read_cases(source, mapping)
-    atomic_write_bytes(Path(output), render_csv(records, excel=excel))
-    return ExportResult(rows=len(records), skipped=assembler.skipped, warnings=assembler.warnings)
+    """Stream a FHIR source to the canonical CSV: resources wait in a temporary sqlite file,
+    rows are written as they are assembled, the output appears atomically at the end."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with CaseAssembler(mapping) as assembler, os.fdopen(fd, "wb") as fh:
+            assembler.add_all(iter_resources(source))
+            rows = write_csv(assembler.records(), fh, excel=excel)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return ExportResult(rows=rows, skipped=assembler.skipped, warnings=assembler.warnings)

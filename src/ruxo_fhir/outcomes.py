@@ -17,7 +17,7 @@ from typing import Any
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.forward import ROLE_RESPONSE, ForwardMapper, number
 from ruxo_fhir.mapping.ids import ref
-from ruxo_fhir.mapping.reverse import day, identifier_value, json_decimal, reference_key
+from ruxo_fhir.mapping.reverse import LabelReader, day, identifier_value, json_decimal, reference_key
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.outcomes_rule import (
     CATEGORIES,
@@ -115,9 +115,7 @@ class OutcomeCollector:
         assert imp is not None
         self._improvement_code = (mapping.system_uri(imp.system), imp.code)
         self._score_system = mapping.project_systems["score"]
-        from ruxo_fhir.mapping.reverse import CaseAssembler
-
-        self._labels = CaseAssembler(mapping)
+        self._labels = LabelReader(mapping)
 
     def _state(self, statement_key: str) -> tuple[list[_Value], list[_Value]]:
         """Evaluations are kept per statement key: an Observation may arrive before its case."""
@@ -139,7 +137,7 @@ class OutcomeCollector:
                     start=day(res.get("effectivePeriod", {}).get("start") or res.get("effectiveDateTime")),
                 )
         elif kind == "Condition":
-            label = self._labels._label(res.get("code"), "indication", self.m.indications)
+            label = self._labels.label(res.get("code"), "indication", self.m.indications)
             site = (res.get("bodySite") or [{}])[0].get("text")
             self.conditions[key] = (label, site)
         elif kind == "Observation":

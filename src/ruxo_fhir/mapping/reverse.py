@@ -7,10 +7,14 @@ Observations on a shared server) is counted as skipped, never turned into a row.
 """
 from __future__ import annotations
 
+import os
+import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.forward import (
@@ -62,22 +66,12 @@ def day(value: Any) -> str | None:
     return str(value)[:10] if value else None
 
 
-@dataclass
-class CaseParts:
-    statement: Resource | None = None
-    parts: dict[str, Resource] = field(default_factory=dict)
-
-
-class CaseAssembler:
-    """Collects resources (any order, any source) and yields one CaseRecord per case."""
+class LabelReader:
+    """Reads a mapping label back from a CodeableConcept: the project coding, else a known
+    standard code (indications), else the text."""
 
     def __init__(self, mapping: MappingSpec) -> None:
         self.m = mapping
-        self.cases: dict[str, CaseParts] = {}
-        self._order: list[str] = []  # cases in the order their MedicationStatements arrived
-        self.patients: dict[str, Resource] = {}
-        self.skipped = 0
-        self.warnings: list[str] = []
         self._code_to_label = self._index_codes(mapping.indications)
 
     def _index_codes(self, table: dict[str, LabelSpec]) -> dict[tuple[str, str], str]:
@@ -87,53 +81,7 @@ class CaseAssembler:
                 out.setdefault((self.m.system_uri(code.system), code.code), label)
         return out
 
-    def add(self, resource: Resource) -> None:
-        res = to_r4(resource)
-        kind = res.get("resourceType")
-        sys = self.m.identifier_systems
-        if kind == "Patient" and identifier_value(res, sys.patient) is not None:
-            self.patients[f"Patient/{res.get('id')}"] = res
-            return
-        if kind == "MedicationStatement":
-            case_id = identifier_value(res, sys.case)
-            if case_id is not None:
-                parts = self.cases.setdefault(case_id, CaseParts())
-                if parts.statement is None:
-                    self._order.append(case_id)
-                parts.statement = res
-                return
-        part = identifier_value(res, sys.resource)
-        if part and ":" in part:
-            case_id, role = part.rsplit(":", 1)
-            self.cases.setdefault(case_id, CaseParts()).parts[role] = res
-            return
-        self.skipped += 1
-
-    def add_all(self, resources: Iterable[Resource]) -> "CaseAssembler":
-        for res in resources:
-            self.add(res)
-        return self
-
-    def records(self) -> Iterator[CaseRecord]:
-        orphans = sum(len(p.parts) for p in self.cases.values() if p.statement is None)
-        for case_id in self._order:
-            parts = self.cases[case_id]
-            assert parts.statement is not None
-            record = self._record(case_id, parts.statement, parts.parts)
-            if record is not None:
-                yield record
-        if orphans:
-            self.warnings.append(
-                f"skipped {orphans} resource(s) whose case has no ruxolitinib MedicationStatement"
-            )
-        if self.skipped:
-            self.warnings.append(
-                f"skipped {self.skipped} resource(s) that are not part of a case "
-                "(e.g. other people's resources on a shared server)"
-            )
-
-    # -- reading one case ----------------------------------------------------------------
-    def _label(self, concept: dict[str, Any] | None, project: str, table: dict[str, LabelSpec]) -> str:
+    def label(self, concept: dict[str, Any] | None, project: str, table: dict[str, LabelSpec]) -> str:
         concept = concept or {}
         codings = [c for c in concept.get("coding", []) if isinstance(c, dict)]
         project_uri = self.m.project_systems[project]
@@ -149,6 +97,104 @@ class CaseAssembler:
             return str(concept["text"])
         return str(codings[0].get("code", "")) if codings else ""
 
+
+class CaseAssembler:
+    """Collects resources (any order, any source) and yields one CaseRecord per case.
+
+    Resources wait in a temporary sqlite file keyed by case, not in Python objects, so a
+    million-case export needs flat memory; cases come out in the order their
+    MedicationStatements arrived. Use as a context manager (or call `close()`).
+    """
+
+    def __init__(self, mapping: MappingSpec) -> None:
+        self.m = mapping
+        self.skipped = 0
+        self.warnings: list[str] = []
+        self.labels = LabelReader(mapping)
+        self._dir = tempfile.TemporaryDirectory(prefix="ruxo-export-")
+        self._db = sqlite3.connect(os.path.join(self._dir.name, "cases.sqlite3"))
+        self._db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE stmt (seq INTEGER PRIMARY KEY, case_id TEXT UNIQUE NOT NULL, body BLOB);"
+            "CREATE TABLE part (case_id TEXT NOT NULL, role TEXT NOT NULL, body BLOB,"
+            " PRIMARY KEY (case_id, role));"
+            "CREATE TABLE patient (key TEXT PRIMARY KEY, body BLOB);"
+        )
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "CaseAssembler":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, resource: Resource) -> None:
+        res = to_r4(resource)
+        kind = res.get("resourceType")
+        sys = self.m.identifier_systems
+        if kind == "Patient" and identifier_value(res, sys.patient) is not None:
+            self._db.execute("INSERT OR REPLACE INTO patient VALUES (?, ?)",
+                             (f"Patient/{res.get('id')}", orjson.dumps(res)))
+            return
+        if kind == "MedicationStatement":
+            case_id = identifier_value(res, sys.case)
+            if case_id is not None:
+                self._db.execute("INSERT INTO stmt (case_id, body) VALUES (?, ?) "
+                                 "ON CONFLICT(case_id) DO UPDATE SET body = excluded.body",
+                                 (case_id, orjson.dumps(res)))
+                return
+        part = identifier_value(res, sys.resource)
+        if part and ":" in part:
+            case_id, role = part.rsplit(":", 1)
+            self._db.execute("INSERT OR REPLACE INTO part VALUES (?, ?, ?)", (case_id, role, orjson.dumps(res)))
+            return
+        self.skipped += 1
+
+    def add_all(self, resources: Iterable[Resource]) -> "CaseAssembler":
+        for res in resources:
+            self.add(res)
+        return self
+
+    def records(self) -> Iterator[CaseRecord]:
+        db = self._db
+        (orphans,) = db.execute(
+            "SELECT count(*) FROM part WHERE case_id NOT IN (SELECT case_id FROM stmt)").fetchone()
+        for case_id, body in self._statements():
+            parts = {role: orjson.loads(b) for role, b in
+                     db.execute("SELECT role, body FROM part WHERE case_id = ?", (case_id,))}
+            record = self._record(case_id, orjson.loads(body), parts)
+            if record is not None:
+                yield record
+        if orphans:
+            self.warnings.append(
+                f"skipped {orphans} resource(s) whose case has no ruxolitinib MedicationStatement"
+            )
+        if self.skipped:
+            self.warnings.append(
+                f"skipped {self.skipped} resource(s) that are not part of a case "
+                "(e.g. other people's resources on a shared server)"
+            )
+
+    def _statements(self) -> Iterator[tuple[str, bytes]]:
+        """Statements in arrival order, fetched in pages (a cursor that stays small)."""
+        last = 0
+        while True:
+            rows = self._db.execute("SELECT seq, case_id, body FROM stmt WHERE seq > ? ORDER BY seq LIMIT 500",
+                                    (last,)).fetchall()
+            if not rows:
+                return
+            for seq, case_id, body in rows:
+                last = seq
+                yield case_id, body
+
+    def _patient(self, key: str | None) -> Resource | None:
+        row = self._db.execute("SELECT body FROM patient WHERE key = ?", (key or "",)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    # -- reading one case ----------------------------------------------------------------
     def _frequency(self, statement: Resource) -> str:
         for dosage in statement.get("dosage", []):
             timing = dosage.get("timing", {})
@@ -170,7 +216,7 @@ class CaseAssembler:
 
     def _record(self, case_id: str, statement: Resource, parts: dict[str, Resource]) -> CaseRecord | None:
         patient_key = reference_key(statement.get("subject", {}).get("reference"))
-        patient = self.patients.get(patient_key or "")
+        patient = self._patient(patient_key)
         if patient is None:
             self.warnings.append(f"case {case_id}: its Patient is missing; case skipped")
             return None
@@ -186,11 +232,11 @@ class CaseAssembler:
             patient_id=identifier_value(patient, self.m.identifier_systems.patient) or "",
             sex=self.m.sex_from_gender(str(patient.get("gender", "unknown"))),
             birth_date=patient.get("birthDate"),
-            indication=self._label(condition.get("code"), "indication", self.m.indications),
+            indication=self.labels.label(condition.get("code"), "indication", self.m.indications),
             site=site,
             disease_onset=condition.get("onsetDateTime"),
             prior_treatments=tuple(
-                self._label(r.get("medicationCodeableConcept"), "prior_treatment", self.m.prior_treatments)
+                self.labels.label(r.get("medicationCodeableConcept"), "prior_treatment", self.m.prior_treatments)
                 for r in self._indexed(parts, ROLE_PRIOR)
             ),
             treatment_start=day(statement.get("effectivePeriod", {}).get("start")
@@ -202,7 +248,7 @@ class CaseAssembler:
             baseline_score=json_decimal(baseline.get("valueQuantity", {}).get("value")),
             followup_score=json_decimal(followup.get("valueQuantity", {}).get("value")),
             adverse_events=tuple(
-                self._label(r.get("event"), "adverse_event", self.m.adverse_events)
+                self.labels.label(r.get("event"), "adverse_event", self.m.adverse_events)
                 for r in self._indexed(parts, ROLE_ADVERSE)
             ),
             recurrence_after_stop=recurrence.get("valueBoolean") if recurrence else None,
