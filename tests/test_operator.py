@@ -93,3 +93,18 @@ def test_progress_is_silent_when_not_a_terminal(tmp_path: Path, fhir_server: Any
     proc = run("push", str(EXAMPLE), "--server", fhir_server.base_url, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr
+
+
+def test_ndjson_folder_push_to_a_server_that_checks_references(tmp_path: Path, fhir_server: Any) -> None:
+    """Type files are pushed in reference order, so a referential-integrity server (as HAPI is by
+    default) accepts an ndjson folder as well as a bundle."""
+    fhir_server.configure(referential_integrity=True)
+    nd = tmp_path / "nd"
+    assert run("import", str(EXAMPLE), "-o", str(nd), "--format", "ndjson").returncode == 0
+    env = {"RUXO_FHIR_STATE_DIR": str(tmp_path / "state")}
+    proc = run("push", str(nd), "--server", fhir_server.base_url, "--batch-size", "10", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("created 74,")
+    proc = run("push", str(nd), "--server", fhir_server.base_url, "--batch-size", "10", "--mode", "batch",
+               "--no-ledger", env=env)
+    assert proc.returncode == 0, proc.stderr

@@ -236,10 +236,31 @@ def stable_ids(entries: list[dict[str, Any]]) -> list[Resource]:
     return [_rewrite_refs(r, table) for _, r in prepared]
 
 
+# Referenced types first, so a server that checks references on write (HAPI does) never sees
+# a reference to something not yet pushed when an ndjson folder is pushed type by type.
+PUSH_ORDER: tuple[str, ...] = (
+    "Organization", "Practitioner", "Patient", "Encounter", "Medication", "Condition",
+    "MedicationStatement", "Observation", "AdverseEvent",
+)
+
+
+def _push_rank(path: Path) -> tuple[int, str]:
+    kind = path.stem
+    return (PUSH_ORDER.index(kind) if kind in PUSH_ORDER else len(PUSH_ORDER), kind)
+
+
 def iter_push_resources(path: str | Path) -> Iterator[Resource]:
-    """Resources to push from a Bundle (urn:uuid references resolved) or ndjson files."""
+    """Resources to push from a Bundle (urn:uuid references resolved) or ndjson files
+    (a folder is read in reference order: Patients before what points at them)."""
     p = Path(path)
-    if p.is_dir() or p.suffix == ".ndjson":
+    if p.is_dir():
+        files = sorted(ndjson_files(p), key=_push_rank)
+        if not files:
+            raise InputError("folder holds no .ndjson files", file=str(p))
+        for f in files:
+            yield from _iter_ndjson_file(f)
+        return
+    if p.suffix == ".ndjson":
         yield from iter_resources(p)
         return
     if not p.exists():
