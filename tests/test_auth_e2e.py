@@ -9,12 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cohort_gen import generate_cases
+from e2e_cli import Run as BaseRun
+from e2e_cli import run_cli
 from fhirserver import TestFhirServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,33 +29,12 @@ EXAMPLE_CSV = REPO / "examples" / "cases.csv"
 CLIENT_ID = "ruxo-backend-test"
 
 
-@dataclass
-class Run:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def lines(self) -> list[str]:
-        return [ln for ln in self.stderr.splitlines() if ln.strip()]
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-    def __str__(self) -> str:
-        return f"exit {self.exit_code}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
+class Run(BaseRun):
+    pass
 
 
 def cli(*args: str | Path, state: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Run:
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("RUXO_FHIR_DEBUG", "RUXO_FHIR_TOKEN", "RUXO_FHIR_PASSWORD", "RUXO_FHIR_CONFIG")}
-    full_env["PYTHONWARNINGS"] = "error"
-    full_env["RUXO_FHIR_STATE_DIR"] = str(state)
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "ruxo_fhir", *map(str, args)], capture_output=True,
-                          text=True, encoding="utf-8", env=full_env, timeout=timeout)
-    return Run(proc.returncode, proc.stdout, proc.stderr)
+    return run_cli(Run, *args, state=state, env=env, timeout=timeout)
 
 
 def canary(what: str) -> str:

@@ -7,19 +7,17 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
+from e2e_cli import Run as BaseRun
+from e2e_cli import run_cli
 from fhirserver import TestFhirServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,23 +26,7 @@ EXAMPLE_TOTAL = {"AdverseEvent": 1, "Condition": 12, "MedicationStatement": 32, 
 PLAN_ROW = re.compile(r"^\s+(\w+)\s+create\s+(\d+)\s+update\s+(\d+)\s+unchanged\s+(\d+)\s*$")
 
 
-@dataclass
-class Run:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def lines(self) -> list[str]:
-        return [ln for ln in self.stderr.splitlines() if ln.strip()]
-
-    @property
-    def out_lines(self) -> list[str]:
-        return [ln for ln in self.stdout.splitlines() if ln.strip()]
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
+class Run(BaseRun):
 
     def plan(self) -> dict[str, dict[str, int]]:
         """{type: {"create": n, "update": n, "unchanged": n}} from the dry-run table on stdout."""
@@ -57,19 +39,9 @@ class Run:
         assert out, f"no plan table\n{self}"
         return out
 
-    def __str__(self) -> str:
-        return f"exit {self.exit_code}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
-
 
 def cli(*args: str | Path, state: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Run:
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("RUXO_FHIR_DEBUG", "RUXO_FHIR_TOKEN", "RUXO_FHIR_PASSWORD", "RUXO_FHIR_CONFIG")}
-    full_env["PYTHONWARNINGS"] = "error"
-    full_env["RUXO_FHIR_STATE_DIR"] = str(state)
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "ruxo_fhir", *map(str, args)], capture_output=True,
-                          text=True, encoding="utf-8", env=full_env, timeout=timeout)
-    return Run(proc.returncode, proc.stdout, proc.stderr)
+    return run_cli(Run, *args, state=state, env=env, timeout=timeout)
 
 
 def server_count(server: TestFhirServer) -> dict[str, int]:

@@ -18,7 +18,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ import pytest
 import requests
 
 from cohort_gen import generate_cases
+from e2e_cli import Run as BaseRun
+from e2e_cli import run_cli
 from fhirserver import TestFhirServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,15 +45,7 @@ RUN_LINE = re.compile(r"mode (\w+), (\d+) bundle\(s\), (\d+) request\(s\)")
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def lines(self) -> list[str]:
-        return [ln for ln in self.stderr.splitlines() if ln.strip()]
+class Run(BaseRun):
 
     def summary(self) -> dict[str, int]:
         found = SUMMARY.findall(self.stderr)
@@ -67,20 +60,10 @@ class Run:
         mode, bundles, reqs = found[-1]
         return mode, int(bundles), int(reqs)
 
-    def __str__(self) -> str:
-        return f"exit {self.exit_code}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
-
 
 def cli(*args: str | Path, state: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Run:
     """`python -m ruxo_fhir ARGS` in a subprocess, with a per-test ledger directory."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("RUXO_FHIR_DEBUG", "RUXO_FHIR_TOKEN", "RUXO_FHIR_PASSWORD", "RUXO_FHIR_CONFIG")}
-    full_env["PYTHONWARNINGS"] = "error"
-    full_env["RUXO_FHIR_STATE_DIR"] = str(state)
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "ruxo_fhir", *map(str, args)], capture_output=True,
-                          text=True, encoding="utf-8", env=full_env, timeout=timeout)
-    return Run(proc.returncode, proc.stdout, proc.stderr)
+    return run_cli(Run, *args, state=state, env=env, timeout=timeout)
 
 
 def import_bundle(csv_path: Path, out: Path, state: Path) -> Path:
