@@ -108,3 +108,25 @@ def test_ndjson_folder_push_to_a_server_that_checks_references(tmp_path: Path, f
     proc = run("push", str(nd), "--server", fhir_server.base_url, "--batch-size", "10", "--mode", "batch",
                "--no-ledger", env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_check_with_smart_reports_the_token_and_its_expiry(tmp_path: Path, fhir_server: Any) -> None:
+    from fhirserver import generate_smart_key
+
+    from ruxo_fhir.transport.auth import jwk_thumbprint
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    pem, jwk = generate_smart_key(kid="placeholder", alg="ES384")
+    jwk["kid"] = jwk_thumbprint(load_pem_private_key(pem, password=None))
+    key = tmp_path / "key.pem"
+    key.write_bytes(pem)
+    fhir_server.configure(require_auth=True, token_lifetime=60,
+                          smart_clients=[{"client_id": "ops-check", "jwks": {"keys": [jwk]}}])
+    proc = run("check", "--server", fhir_server.base_url, "--auth", "smart", "--client-id", "ops-check",
+               "--private-key", str(key))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SMART token obtained" in proc.stdout and "expires in" in proc.stdout
+    wrong = run("check", "--server", fhir_server.base_url, "--auth", "smart", "--client-id", "nobody",
+                "--private-key", str(key))
+    assert wrong.returncode == 4
+    assert "Traceback" not in wrong.stderr

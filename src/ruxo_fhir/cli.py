@@ -633,8 +633,11 @@ def check_cmd(obj: Ctx, /, fhir_version: str, **kwargs: Any) -> None:
         if auth is not None and hasattr(auth, "access_token") and callable(getattr(auth, "access_token")):
             try:
                 auth.access_token()
-                expires = getattr(auth, "expires_at", None)
-                token_info = "SMART token obtained" + (f" (expires at {expires})" if expires else "")
+                expires = float(getattr(auth, "_expires_at", 0.0) or 0.0)
+                import time as _time
+
+                left = f" (expires in {expires - _time.time():.0f} s)" if expires else ""
+                token_info = f"SMART token obtained from {auth.token_endpoint}{left}"
             except RuxoError as exc:
                 token_info = None
                 click.echo(f"  [FAIL] auth: {exc}")
