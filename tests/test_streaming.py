@@ -156,3 +156,27 @@ def test_two_jobs_write_the_same_bytes(imported: dict[str, Any]) -> None:
     match, mismatch, errors = filecmp.cmpfiles(one, two, names, shallow=False)
     assert not mismatch and not errors
     assert filecmp.cmp(base / "out1.rejects.csv", base / "out2.rejects.csv", shallow=False)
+
+
+def test_cross_row_index_in_flat_tables() -> None:
+    from ruxo_fhir.records import CaseRecord, CrossRowIndex, _RowError
+
+    def rec(case: str, patient: str, sex: str = "F", birth: str | None = "1970") -> CaseRecord:
+        return CaseRecord(case_id=case, patient_id=patient, sex=sex, indication="x",
+                          treatment_start="2020-01-01", frequency="BID", birth_date=birth)
+
+    index = CrossRowIndex(capacity=4)  # grows many times below
+    new = 0
+    for i in range(5000):
+        r = rec(f"C{i}", f"P{i // 3}")
+        index.check(r)
+        new += index.add(r)
+    assert (len(index), index.patients, new) == (5000, 1667, 1667)
+    for bad, column in [(rec("C17", "P999999"), "case_id"), (rec("X1", "P5", sex="M"), "patient_id"),
+                        (rec("X2", "P5", birth=None), "patient_id"), (rec("X3", "P5", birth="1971"), "patient_id")]:
+        with pytest.raises(_RowError) as err:
+            index.check(bad)
+        assert err.value.column == column
+    index.check(rec("X4", "P5"))  # same traits: fine, and not a new patient
+    assert index.add(rec("X4", "P5")) is False
+    assert index.add(rec("X5", "P-new")) is True
