@@ -224,7 +224,7 @@ def profile_import(csv_path: Path, out: Path, top: int = 12) -> str:
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
-    return buf.getvalue()
+    return buf.getvalue().strip("\n")
 
 
 # --- server stages ----------------------------------------------------------------------------
@@ -475,7 +475,16 @@ def write_readme(lines: list[str], argv: list[str]) -> None:
     readme = REPO / "benchmarks" / "README.md"
     text = readme.read_text(encoding="utf-8") if readme.exists() else ""
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-    body = "\n".join([begin, "", f"`python benchmarks/bench.py {' '.join(argv)}`".replace("  ", " "), "", *lines, "", end])
+    shown, skip = [], False
+    for arg in argv:  # the command as rerun elsewhere: no local work dir, no README rewrite
+        if skip:
+            skip = False
+        elif arg == "--workdir":
+            skip = True
+        elif not arg.startswith("--workdir=") and arg != "--write-readme":
+            shown.append(arg)
+    command = " ".join(["python benchmarks/bench.py", *shown])
+    body = "\n".join([begin, "", f"`{command}`", "", *lines, "", end])
     if begin in text and end in text:
         text = text[: text.index(begin)] + body + text[text.index(end) + len(end):]
     else:
