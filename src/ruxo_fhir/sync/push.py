@@ -303,18 +303,24 @@ class Pusher:
         # The ledger check reads versions for a window of several chunks at once (fewer,
         # fuller `_id` searches on a re-push); memory stays bounded by the window.
         window: list[list[Group]] = []
+        hashes: dict[str, str] = {}
         chunks = chunk_groups(group_resources(resources, self.mapping), self.result.batch_size)
-        for chunk in prefetch(chunks, depth=2):
+        for chunk, chunk_hashes in prefetch(self._hashed(chunks), depth=2):
             window.append(chunk)
-            if sum(len(g.resources) for c in window for g in c) >= LEDGER_WINDOW:
-                self._push_window(window)
-                window = []
+            hashes.update(chunk_hashes)
+            if len(hashes) >= LEDGER_WINDOW:
+                self._push_window(window, hashes)
+                window, hashes = [], {}
         if window:
-            self._push_window(window)
+            self._push_window(window, hashes)
         return self.result
 
-    def _push_window(self, window: list[list[Group]]) -> None:
-        hashes = {self._key(r): content_hash(r) for c in window for g in c for r in g.resources}
+    def _hashed(self, chunks: Iterable[list[Group]]) -> Iterator[tuple[list[Group], dict[str, str]]]:
+        """Content hashes are computed in the prefetch thread, off the sending path."""
+        for chunk in chunks:
+            yield chunk, {self._key(r): content_hash(r) for g in chunk for r in g.resources}
+
+    def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
         unchanged = self._unchanged(hashes)
         for chunk in window:
             self._push_chunk(chunk, hashes, unchanged)
