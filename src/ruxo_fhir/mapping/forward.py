@@ -33,19 +33,31 @@ class ForwardMapper:
     def __init__(self, mapping: MappingSpec) -> None:
         self.m = mapping
         self.sys = mapping.identifier_systems
+        # Ids of one case are referenced by several of its resources: derive each once. A small
+        # memo (cleared when full) keeps memory flat on a million-row stream.
+        self._ids: dict[tuple[str, str, str], str] = {}
+
+    def _id(self, resource_type: str, system: str, value: str) -> str:
+        key = (resource_type, system, value)
+        found = self._ids.get(key)
+        if found is None:
+            if len(self._ids) >= 4096:
+                self._ids.clear()
+            found = self._ids[key] = derive_id(resource_type, system, value)
+        return found
 
     # -- ids -----------------------------------------------------------------------------
     def patient_id(self, patient_id: str) -> str:
-        return derive_id("Patient", self.sys.patient, patient_id)
+        return self._id("Patient", self.sys.patient, patient_id)
 
     def case_statement_id(self, case_id: str) -> str:
-        return derive_id("MedicationStatement", self.sys.case, case_id)
+        return self._id("MedicationStatement", self.sys.case, case_id)
 
     def part_identifier(self, case_id: str, role: str) -> dict[str, str]:
         return {"system": self.sys.resource, "value": f"{case_id}:{role}"}
 
     def part_id(self, resource_type: str, case_id: str, role: str) -> str:
-        return derive_id(resource_type, self.sys.resource, f"{case_id}:{role}")
+        return self._id(resource_type, self.sys.resource, f"{case_id}:{role}")
 
     # -- concepts ------------------------------------------------------------------------
     def _label_concept(self, table: dict[str, LabelSpec], project: str, label: str) -> dict[str, Any]:
