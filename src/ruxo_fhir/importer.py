@@ -115,6 +115,14 @@ class _CaseBuilder:
         return resources, None
 
 
+def _reject_accepted(reader: CaseReader, on_reject: Callable[[Reject], None], record: CaseRecord,
+                     version: FhirVersion, problem: Problem) -> None:
+    """A row the reader accepted fails FHIR validation: count it as rejected and report it."""
+    reader.report.accepted -= 1
+    reader.report.rejected += 1
+    on_reject(_validation_reject(record, version, problem))
+
+
 def _validation_reject(record: CaseRecord, version: FhirVersion, problem: Problem) -> Reject:
     return Reject(record.row or 0, record.to_row(), problem.location,
                   f"FHIR {version} validation failed: {problem.message}")
@@ -169,9 +177,7 @@ def case_resources(
         resources, problem = builder.build(record, include)
         pending.settle(record, include, problem is None)
         if problem is not None:
-            reader.report.accepted -= 1
-            reader.report.rejected += 1
-            on_reject(_validation_reject(record, version, problem))
+            _reject_accepted(reader, on_reject, record, version, problem)
             continue
         yield record, resources
 
@@ -259,9 +265,7 @@ def parallel_case_resources(
                     data = None if problem is not None else _serialize(resources)
                 pending.settle(record, include, problem is None)
                 if problem is not None:
-                    reader.report.accepted -= 1
-                    reader.report.rejected += 1
-                    on_reject(_validation_reject(record, version, problem))
+                    _reject_accepted(reader, on_reject, record, version, problem)
                     continue
                 assert data is not None
                 yield record, data
