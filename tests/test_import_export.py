@@ -38,7 +38,7 @@ UCUM = "http://unitsofmeasure.org"
 EDQM = "http://standardterms.edqm.eu"
 TIMING = "http://terminology.hl7.org/CodeSystem/v3-GTSAbbreviation"
 
-# From ../shared/TERMINOLOGY.md (Indications): label -> (SNOMED CT or None, ICD-10).
+# From mappings/TERMINOLOGY.md (Indications): label -> (SNOMED CT or None, ICD-10).
 INDICATION_CODES = {
     "dermatomyositis": ("396230008", "M33.1"),
     "discoid_lupus": ("200938002", "L93.0"),

@@ -10,6 +10,7 @@ import yaml
 from helpers import (
     DEFAULT_MAPPING,
     EXAMPLE_CSV,
+    REPO,
     all_codings,
     bundle_resources,
     case_row,
@@ -23,7 +24,7 @@ from helpers import (
     write_mapping,
 )
 
-TERMINOLOGY = Path(__file__).resolve().parents[2] / "shared" / "TERMINOLOGY.md"
+TERMINOLOGY = REPO / "mappings" / "TERMINOLOGY.md"
 
 SITE_CASE = "https://chu-lyon.example/sid/numero-sejour"
 SITE_PATIENT = "https://chu-lyon.example/sid/ipp"
@@ -32,7 +33,7 @@ SITE_RESOURCE = "https://chu-lyon.example/sid/ruxo-resource"
 
 def terminology_text() -> str:
     if not TERMINOLOGY.is_file():
-        pytest.fail(f"{TERMINOLOGY} is missing: the terminology file must sit in ../shared beside the clone")
+        pytest.fail(f"{TERMINOLOGY} is missing: the terminology facts live in the repository")
     return TERMINOLOGY.read_text(encoding="utf-8")
 
 

@@ -179,14 +179,20 @@ class MappingSpec(_Model):
 
 
 def default_mapping_path() -> Path:
-    """The shipped mapping: `mappings/default.yaml` in a checkout, else the packaged copy."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "mappings" / "default.yaml"
-        if candidate.is_file():
-            return candidate
-    with resources.as_file(resources.files("ruxo_fhir") / "data" / "default.yaml") as p:
-        return Path(p)
+    """The shipped mapping: the packaged copy in an installed wheel, `mappings/default.yaml` in a checkout.
+
+    Only the checkout this module sits in counts (`<repo>/src/ruxo_fhir/mapping/spec.py`), never
+    some other `mappings/` folder further up the tree.
+    """
+    packaged = Path(str(resources.files("ruxo_fhir"))) / "data" / "default.yaml"
+    if packaged.is_file():
+        return packaged
+    package_dir = Path(__file__).resolve().parents[1]
+    if package_dir.parent.name == "src":
+        checkout = package_dir.parent.parent / "mappings" / "default.yaml"
+        if checkout.is_file():
+            return checkout
+    return packaged
 
 
 @lru_cache(maxsize=16)
