@@ -16,6 +16,7 @@ from ruxo_fhir.errors import RuxoError
 from ruxo_fhir.fhir_version import FhirVersion, normalise_version
 from ruxo_fhir.logs import setup_logging
 from ruxo_fhir.mapping.spec import MappingSpec, load_mapping
+from ruxo_fhir.redact import install_on_std_streams
 
 log = logging.getLogger("ruxo_fhir.cli")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,7 +70,11 @@ def handles_errors(func: F) -> F:
             raise
         except Exception as exc:  # a bug: one line here, a traceback only when asked for
             if os.environ.get("RUXO_FHIR_DEBUG"):
-                raise
+                import traceback
+
+                install_on_std_streams()  # the traceback is redacted like every other line
+                traceback.print_exc(file=sys.stderr)
+                sys.exit(70)
             click.echo(f"error: internal error ({type(exc).__name__}); rerun with RUXO_FHIR_DEBUG=1 "
                        "for details and please report it", err=True)
             sys.exit(70)
@@ -116,6 +121,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
       ruxo-fhir outcomes /tmp/bundle.json --format table
     """
     verbosity = -1 if quiet else verbose
+    install_on_std_streams()  # every line printed from here on passes the redaction step
     setup_logging(verbosity, log_format)
     ctx.obj = Ctx(verbosity, log_format)
 

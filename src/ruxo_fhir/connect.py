@@ -14,7 +14,7 @@ from typing import Any
 
 import platformdirs
 
-from ruxo_fhir.errors import InputError, RuxoError
+from ruxo_fhir.errors import InputError, RuxoError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,7 +81,36 @@ def load_profile(name: str, config: Path | None = None) -> ServerSettings:
     unknown = set(table) - allowed
     if unknown:
         raise InputError(f"profile {name!r}: unknown key(s) {', '.join(sorted(unknown))}", file=str(path))
+    key = table.get("private_key")
+    if isinstance(key, str) and _looks_like_key_material(key):
+        # Never quote the value: it is the secret the profile must not hold.
+        raise InputError(
+            f"profile {name!r}: private_key holds key material, not a path; put the PEM in a file "
+            "readable only by you (chmod 600) and give its path", file=str(path),
+        )
+    if isinstance(table.get("url"), str):
+        check_server_url(str(table["url"]), f"profile {name!r} url")
     return ServerSettings(**table, profile=name)
+
+
+def _looks_like_key_material(value: str) -> bool:
+    return "-----BEGIN" in value or "\n" in value or (len(value) > 200 and " " not in value and "/" not in value[:3])
+
+
+def check_server_url(url: str, what: str = "--server") -> None:
+    """Refuse a server URL carrying user:password@ (it would end up in reports, cursors, ledgers)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        has_credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        raise UsageError(f"{what} is not a valid URL") from None
+    if has_credentials or "@" in parts.netloc:
+        raise UsageError(
+            f"{what} carries credentials (user:password@host); remove them and use --auth basic --user NAME "
+            "with the password in RUXO_FHIR_PASSWORD, or --auth bearer with RUXO_FHIR_TOKEN"
+        )
 
 
 def resolve_settings(profile: str | None, config: Path | None, **flags: Any) -> ServerSettings:
@@ -89,6 +118,9 @@ def resolve_settings(profile: str | None, config: Path | None, **flags: Any) -> 
     settings = base.merged(**flags)
     if not settings.url:
         raise RuxoError("no server given: use --server URL or --profile NAME")
+    check_server_url(settings.url, "--server" if flags.get("url") else "the server URL")
+    if settings.private_key and _looks_like_key_material(settings.private_key):
+        raise UsageError("--private-key takes the path of a PEM file, not the key itself")
     return settings
 
 

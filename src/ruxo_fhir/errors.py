@@ -1,11 +1,28 @@
 """One root exception and a small tree under it, classed by what the caller does next."""
 from __future__ import annotations
 
+from typing import Any
+
+from ruxo_fhir.redact import redact
+
 
 class RuxoError(Exception):
-    """Root of every error ruxo-fhir raises on purpose; the CLI turns it into one line."""
+    """Root of every error ruxo-fhir raises on purpose; the CLI turns it into one line.
+
+    The message passes the redaction step when the error is made, so no secret a server
+    echoed back (or a caller quoted) can reach the terminal, a log or a report through it.
+    """
 
     exit_code: int = 1
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+
+
+class UsageError(RuxoError):
+    """The command line or a setting is wrong (exit 2): what to change."""
+
+    exit_code = 2
 
 
 class InputError(RuxoError):
@@ -81,7 +98,7 @@ class ServerError(RuxoError):
     ) -> None:
         self.reason = reason
         self.status = status
-        self.issues = list(issues or [])
+        self.issues = [redact(i) for i in issues or []]
         self.case_id = case_id
         self.url = url
         head = f"HTTP {status}: " if status else ""

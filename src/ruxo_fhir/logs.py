@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 
-_SECRETS = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+|(access_token|password|client_assertion)=([^&\s]+)")
+from ruxo_fhir.redact import redact
 
-
-def redact(text: str) -> str:
-    """Last line of defence: blank out bearer tokens and secret-looking query values."""
-    return _SECRETS.sub(lambda m: (m.group(1) or f"{m.group(2)}=") + "[redacted]", text)
+__all__ = ["redact", "setup_logging"]
 
 
 class _PlainFormatter(logging.Formatter):

@@ -13,6 +13,7 @@ from ruxo_fhir import __version__
 from ruxo_fhir.bundle import atomic_write_bytes
 from ruxo_fhir.errors import RuxoError
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.redact import redact_obj
 
 
 def _now() -> str:
@@ -85,4 +86,4 @@ class RunReport:
         if path is None:
             return
         self.ended = _now()
-        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n")
+        atomic_write_bytes(path, json.dumps(redact_obj(self.to_dict()), indent=2, ensure_ascii=False).encode() + b"\n")

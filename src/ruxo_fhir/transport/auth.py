@@ -19,7 +19,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ruxo_fhir.errors import AuthError, CapabilityError, TemporaryServerError
+from ruxo_fhir.errors import AuthError, CapabilityError, RuxoError, TemporaryServerError, UsageError
+from ruxo_fhir.redact import remember, remember_basic
 from ruxo_fhir.transport.outcome import TEMPORARY_STATUSES, raise_for_response, redact_url
 
 logger = logging.getLogger("ruxo_fhir.transport")
@@ -43,6 +44,8 @@ class BearerAuth(requests.auth.AuthBase):
     def __init__(self, token: str) -> None:
         if not token:
             raise AuthError("bearer token is empty")
+        remember(token)
+        check_token_text(token)
         self._token = token
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
@@ -53,11 +56,27 @@ class BearerAuth(requests.auth.AuthBase):
         return "BearerAuth(token=***)"
 
 
+def check_token_text(token: str, what: str = "the bearer token (RUXO_FHIR_TOKEN or the profile's token_env)",
+                     error: type[RuxoError] = UsageError) -> None:
+    """A token goes into an HTTP header: visible ASCII only (RFC 6750), else a usage error.
+
+    The message names the problem, never the token (a newline would otherwise make the HTTP
+    library fail with the header, token included, in its error text).
+    """
+    for ch in token:
+        if ch in "\r\n":
+            raise error(f"{what} contains a line break; set it to the token alone")
+        if not ("\x21" <= ch <= "\x7e"):
+            kind = "a non-ASCII character" if ord(ch) > 0x7E else "a space or control character"
+            raise error(f"{what} contains {kind}; a token is visible ASCII only (check how it was copied)")
+
+
 class BasicAuth(requests.auth.AuthBase):
     """HTTP Basic authentication; user and password are encoded as UTF-8 (RFC 7617)."""
 
     def __init__(self, user: str, password: str) -> None:
         self.user = user
+        remember_basic(user, password)
         self._header = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
@@ -233,7 +252,9 @@ class SmartBackendAuth(requests.auth.AuthBase):
             "exp": now + MAX_ASSERTION_SECONDS,
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(claims, self._key, algorithm=self.alg, headers={"kid": self.key_id, "typ": "JWT"})
+        assertion = jwt.encode(claims, self._key, algorithm=self.alg, headers={"kid": self.key_id, "typ": "JWT"})
+        remember(assertion)
+        return assertion
 
     # -- internals ------------------------------------------------------------------------
 
@@ -299,7 +320,10 @@ class SmartBackendAuth(requests.auth.AuthBase):
             logger.warning("token endpoint issued a %r token; sending it as Bearer", token_type)
         lifetime = body.get("expires_in")
         seconds = float(lifetime) if isinstance(lifetime, (int, float)) and lifetime > 0 else DEFAULT_TOKEN_SECONDS
-        self._token = str(body["access_token"])
+        token = str(body["access_token"])
+        remember(token)
+        check_token_text(token, "the access token the token endpoint issued", AuthError)
+        self._token = token
         self._lifetime = seconds
         self._expires_at = self._clock() + seconds
         logger.debug("SMART token obtained, lifetime %.0f s, scope %s", seconds, _short(body.get("scope")))

@@ -18,7 +18,7 @@ from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from ruxo_fhir.errors import CapabilityError, FatalServerError, RuxoError, TemporaryServerError
+from ruxo_fhir.errors import CapabilityError, FatalServerError, RuxoError, TemporaryServerError, UsageError
 from ruxo_fhir.transport.outcome import (
     TEMPORARY_STATUSES,
     raise_for_response,
@@ -285,6 +285,8 @@ class FhirClient:
             raise RuxoError(f"FHIR base URL must be an http:// or https:// URL with a host, got {redact_url(base_url)!r}")
         if parts.query or parts.fragment:
             raise RuxoError("FHIR base URL must not carry a query or fragment")
+        if "@" in parts.netloc:
+            raise UsageError("FHIR base URL must not carry credentials (user:password@); use an auth object")
         self.base_url = base_url.rstrip("/")
         self.auth = auth
         # TLS verification stays on unless the caller passes verify=False; a str is a CA bundle path.
