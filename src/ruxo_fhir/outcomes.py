@@ -17,7 +17,15 @@ from typing import Any
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.forward import ROLE_RESPONSE, ForwardMapper, number
 from ruxo_fhir.mapping.ids import ref
-from ruxo_fhir.mapping.reverse import LabelReader, day, identifier_value, json_decimal, reference_key
+from ruxo_fhir.mapping.reverse import (
+    LabelReader,
+    conditional_identifier,
+    day,
+    identifier_value,
+    json_decimal,
+    reference_key,
+    retracted,
+)
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.outcomes_rule import (
     CATEGORIES,
@@ -101,6 +109,11 @@ class CohortOutcomes:
         }
 
 
+def _subject_key(reference: str | None) -> str | None:
+    """`Type/id`, or the conditional reference itself (link mode: the EHR's Patient by MRN)."""
+    return reference if conditional_identifier(reference) else reference_key(reference)
+
+
 class OutcomeCollector:
     """Feed resources in any order with `add`, then call `result()`."""
 
@@ -111,6 +124,7 @@ class OutcomeCollector:
         self.conditions: dict[str, tuple[str, str | None]] = {}
         self.pending: dict[str, tuple[list[_Value], list[_Value]]] = {}
         self.warnings: list[str] = []
+        self.retracted = 0  # entered-in-error resources left out
         imp = mapping.observations.improvement.code
         assert imp is not None
         self._improvement_code = (mapping.system_uri(imp.system), imp.code)
@@ -123,6 +137,9 @@ class OutcomeCollector:
 
     def add(self, resource: Resource) -> None:
         res = to_r4(resource)
+        if retracted(res):
+            self.retracted += 1
+            return
         kind = res.get("resourceType")
         sys = self.m.identifier_systems
         key = f"{kind}/{res.get('id')}"
@@ -132,7 +149,7 @@ class OutcomeCollector:
                 reasons = res.get("reasonReference") or [{}]
                 self.cases[key] = _CaseState(
                     case_id=case_id, statement_key=key,
-                    patient_key=reference_key(res.get("subject", {}).get("reference")),
+                    patient_key=_subject_key(res.get("subject", {}).get("reference")),
                     condition_key=reference_key(reasons[0].get("reference")),
                     start=day(res.get("effectivePeriod", {}).get("start") or res.get("effectiveDateTime")),
                 )
@@ -249,6 +266,8 @@ class OutcomeCollector:
         return exact, follow.date, [base.key, follow.key]
 
     def result(self) -> CohortOutcomes:
+        if self.retracted:
+            self.warnings.append(f"left out {self.retracted} entered-in-error (retracted) resource(s)")
         orphans = set(self.pending) - set(self.cases)
         if orphans:
             self.warnings.append(f"{len(orphans)} evaluation group(s) point at no case MedicationStatement")
@@ -301,7 +320,7 @@ def response_observation(case: CaseOutcome, mapping: MappingSpec) -> Resource | 
         "identifier": [fwd.part_identifier(case.case_id, role)],
         "status": "final",
         "code": {"coding": [mapping.coding(spec.code)], "text": spec.code.display or spec.code.code},
-        "subject": ref(*case.patient_key.split("/", 1)),
+        "subject": {"reference": case.patient_key},
         "partOf": [ref(*case.statement_key.split("/", 1))],
     }
     if case.condition_key:

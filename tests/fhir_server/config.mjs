@@ -27,6 +27,9 @@ export function defaultConfig() {
     version_ids: 'uuid', // "uuid" (Medplum native) or "serial" ("1", "2", ... like HAPI)
     adverse_event_identifier: true, // custom AdverseEvent?identifier= search parameter
     medplum_transaction_limits: false, // Medplum's caps: <=50 updates, <=8 entries if conditional
+    // EHR-like: client-assigned ids refused (HAPI's ClientIdStrategy NOT_ALLOWED, Epic): a PUT
+    // that would create Type/id -> 404 as HAPI answers; the statement says updateCreate false
+    no_client_ids: false,
     // Auth
     require_token: null, // static bearer token accepted on /fhir
     basic_auth: null, // {"user": ..., "password": ...}
@@ -60,6 +63,7 @@ const TYPES = {
   version_ids: ['uuid', 'serial'],
   adverse_event_identifier: 'boolean',
   medplum_transaction_limits: 'boolean',
+  no_client_ids: 'boolean',
   require_token: 'string?',
   basic_auth: 'object?',
   require_auth: 'boolean',

@@ -399,7 +399,7 @@ export class FhirEngine {
         interaction: INTERACTIONS.filter((c) => !omitted.has(c)).map((code) => ({ code })),
         versioning: 'versioned',
         readHistory: !omitted.has('history-instance'),
-        updateCreate: true,
+        updateCreate: !cfg.no_client_ids,
         conditionalCreate: !omitted.has('conditionalCreate'),
         conditionalRead: 'not-supported',
         conditionalUpdate: !omitted.has('conditionalUpdate'),
@@ -482,6 +482,9 @@ export class FhirEngine {
     }
     if (omitted.has(baseInteraction(kind)) || (kind === 'conditional-update' && omitted.has('conditionalUpdate'))) {
       return outcome(400, 'not-supported', `Interaction ${kind} is not supported by this server`);
+    }
+    if (kind === 'update' && cfg.no_client_ids && !this.repo.exists(type, segs[1]) && !this.repo.wasDeleted(type, segs[1])) {
+      return clientIdRefused(type, segs[1]);
     }
     const hdrs = { ...headers };
     if (kind === 'create' && hdrs['if-none-exist'] && omitted.has('conditionalCreate')) {
@@ -674,7 +677,10 @@ export class FhirEngine {
       const [path, query] = splitUrl(req.url);
       const kind = classify(req.method, path.split('/').filter(Boolean), query.length > 0);
       const where = `Bundle.entry[${i}].request`;
-      if (kind && omitted.has(baseInteraction(kind))) {
+      const [etype, eid] = path.split('/').filter(Boolean);
+      if (kind === 'update' && cfg.no_client_ids && !this.repo.exists(etype, eid) && !this.repo.wasDeleted(etype, eid)) {
+        refused.set(i, clientIdRefused(etype, eid));
+      } else if (kind && omitted.has(baseInteraction(kind))) {
         refused.set(i, badEntry(`Interaction ${kind} is not supported by this server`, where));
       } else if (kind === 'conditional-update' && omitted.has('conditionalUpdate')) {
         refused.set(i, badEntry('Conditional update is not supported by this server', `${where}.url`));
@@ -691,7 +697,9 @@ export class FhirEngine {
     this.repo.createdKeys.clear();
     if (isTx) {
       if (refused.size) {
-        const [i, oc] = [...refused][0];
+        const [i, refusal] = [...refused][0];
+        if (refusal.status) return refusal; // a refused client id: the whole transaction, as HAPI
+        const oc = refusal;
         return { status: 400, body: fixOutcome({ ...oc, issue: oc.issue.map((x) => ({ ...x, diagnostics: `entry ${i}: ${x.details.text}` })) }) };
       }
       const invalid = cfg.validate ? prevalidate(entries) : [];
@@ -742,7 +750,10 @@ export class FhirEngine {
     let k = 0;
     for (let i = 0; i < entries.length; i++) {
       if (refused.has(i)) {
-        all.push({ response: { status: '400', outcome: fixOutcome(refused.get(i)) } });
+        const refusal = refused.get(i);
+        all.push(refusal.status
+          ? { response: { status: String(refusal.status), outcome: refusal.body } }
+          : { response: { status: '400', outcome: fixOutcome(refusal) } });
       } else {
         all.push(resultEntries[k++]);
       }
@@ -791,6 +802,23 @@ function missingRefOutcome(missing) {
 function referencedOutcome(ref, referrers) {
   const shown = referrers.slice(0, 5).map((r) => `${r.from} (${r.path})`).join(', ');
   return conflict(`Unable to delete ${ref}: it is referenced by ${referrers.length} resource(s): ${shown}`);
+}
+
+/**
+ * The refusal of a PUT that would create Type/id when client-assigned ids are off
+ * (`no_client_ids`). Shaped like HAPI's ClientIdStrategy NOT_ALLOWED answer (HAPI-0959,
+ * a ResourceNotFoundException: 404, issue code `processing`); FHIR R4 http.html#update
+ * allows 405 for the same refusal, clients must accept both.
+ * @param {string} type - Resource type.
+ * @param {string} id - The client-assigned id.
+ * @returns {{status: number, body: object}} The response.
+ */
+function clientIdRefused(type, id) {
+  const text = `No resource exists on this server resource with ID[${id}], and client-assigned IDs are not enabled.`;
+  return {
+    status: 404,
+    body: { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'processing', diagnostics: text, details: { text } }] },
+  };
 }
 
 function badEntry(text, expression) {

@@ -50,6 +50,14 @@ class ForwardMapper:
     def patient_id(self, patient_id: str) -> str:
         return self._id("Patient", self.sys.patient, patient_id)
 
+    def subject(self, patient_id: str) -> dict[str, str]:
+        """The reference to a case's Patient. Link mode: the EHR's own Patient, found by the
+        match identifier (a conditional reference, resolved by push or by the server in a
+        transaction); otherwise our Patient at its derived id."""
+        if self.m.patients.mode == "link":
+            return {"reference": f"Patient?identifier={self.m.patients.match_system}|{patient_id}"}
+        return ref("Patient", self.patient_id(patient_id))
+
     def case_statement_id(self, case_id: str) -> str:
         return self._id("MedicationStatement", self.sys.case, case_id)
 
@@ -76,12 +84,19 @@ class ForwardMapper:
         res: Resource = {
             "resourceType": "Patient",
             "id": self.patient_id(r.patient_id),
-            "identifier": [{"system": self.sys.patient, "value": r.patient_id}],
+            "identifier": self._patient_identifiers(r.patient_id),
             "gender": self.m.gender(r.sex),
         }
         if r.birth_date:
             res["birthDate"] = r.birth_date
         return res
+
+    def _patient_identifiers(self, patient_id: str) -> list[dict[str, str]]:
+        out = [{"system": self.sys.patient, "value": patient_id}]
+        match = self.m.patients.match_system
+        if self.m.patients.mode == "link-or-create" and match and match != self.sys.patient:
+            out.append({"system": match, "value": patient_id})  # so the EHR's search finds it
+        return out
 
     def condition(self, r: CaseRecord) -> Resource:
         s = self.m.systems
@@ -93,7 +108,7 @@ class ForwardMapper:
             "verificationStatus": {"coding": [{"system": s["condition_verification"], "code": "confirmed"}]},
             "category": [{"coding": [{"system": s["condition_category"], "code": "problem-list-item"}]}],
             "code": self._label_concept(self.m.indications, "indication", r.indication),
-            "subject": ref("Patient", self.patient_id(r.patient_id)),
+            "subject": self.subject(r.patient_id),
         }
         if r.site:
             site: dict[str, Any] = {"text": r.site}
@@ -115,7 +130,7 @@ class ForwardMapper:
             "identifier": [{"system": self.sys.case, "value": r.case_id}],
             "status": "active",
             "medicationCodeableConcept": {"coding": self.m.codings(med.codes), "text": med.text},
-            "subject": ref("Patient", self.patient_id(r.patient_id)),
+            "subject": self.subject(r.patient_id),
             "effectivePeriod": {"start": r.treatment_start},
             "reasonReference": [ref("Condition", self.part_id("Condition", r.case_id, ROLE_CONDITION))],
             "dosage": [{
@@ -139,7 +154,7 @@ class ForwardMapper:
             "identifier": [self.part_identifier(r.case_id, role)],
             "status": "completed",
             "medicationCodeableConcept": self._label_concept(self.m.prior_treatments, "prior_treatment", label),
-            "subject": ref("Patient", self.patient_id(r.patient_id)),
+            "subject": self.subject(r.patient_id),
             "reasonReference": [ref("Condition", self.part_id("Condition", r.case_id, ROLE_CONDITION))],
         }
 
@@ -150,7 +165,7 @@ class ForwardMapper:
             "identifier": [self.part_identifier(r.case_id, role)],
             "status": "final",
             "code": code,
-            "subject": ref("Patient", self.patient_id(r.patient_id)),
+            "subject": self.subject(r.patient_id),
             "partOf": [ref("MedicationStatement", self.case_statement_id(r.case_id))],
             "focus": [ref("Condition", self.part_id("Condition", r.case_id, ROLE_CONDITION))],
         }
@@ -222,7 +237,7 @@ class ForwardMapper:
             "identifier": self.part_identifier(r.case_id, role),  # R4: 0..1, not a list
             "actuality": "actual",
             "event": self._label_concept(self.m.adverse_events, "adverse_event", label),
-            "subject": ref("Patient", self.patient_id(r.patient_id)),
+            "subject": self.subject(r.patient_id),
             "suspectEntity": [{"instance": ref("MedicationStatement", self.case_statement_id(r.case_id))}],
         }
         if r.evaluation_date:
@@ -232,7 +247,7 @@ class ForwardMapper:
     def case(self, r: CaseRecord, *, include_patient: bool) -> list[Resource]:
         """All resources of one case, referenced ones first (Patient, Condition, statement)."""
         out: list[Resource] = []
-        if include_patient:
+        if include_patient and self.m.patients.mode != "link":  # link: the EHR owns its Patients
             out.append(self.patient(r))
         out.append(self.condition(r))
         out.append(self.medication_statement(r))

@@ -54,6 +54,35 @@ def identifier_value(resource: Resource, system: str) -> str | None:
     return None
 
 
+ENTERED_IN_ERROR = "entered-in-error"
+
+
+def retracted(resource: Resource) -> bool:
+    """True for a resource marked `entered-in-error` (retracted: readers leave it out).
+
+    Observation.status, MedicationStatement.status and Condition.verificationStatus carry it
+    in R4 (and R5); other types are deleted when retracted, so they never show it.
+    """
+    if resource.get("status") == ENTERED_IN_ERROR:
+        return True
+    verification = resource.get("verificationStatus")
+    if isinstance(verification, dict):
+        return any(isinstance(c, dict) and c.get("code") == ENTERED_IN_ERROR
+                   for c in verification.get("coding", []))
+    return False
+
+
+def conditional_identifier(reference: str | None) -> tuple[str, str, str] | None:
+    """(Type, system, value) of a conditional reference `Type?identifier=system|value`."""
+    if not reference or "?identifier=" not in reference:
+        return None
+    kind, _, token = reference.partition("?identifier=")
+    system, bar, value = token.rpartition("|")
+    if not bar or not value or "/" in kind or "&" in token:
+        return None
+    return kind, system, value
+
+
 def json_decimal(value: Any) -> Decimal | None:
     """A JSON number as an exact Decimal (via its shortest text), None for absent/booleans."""
     if value is None or isinstance(value, bool):
@@ -109,6 +138,7 @@ class CaseAssembler:
     def __init__(self, mapping: MappingSpec) -> None:
         self.m = mapping
         self.skipped = 0
+        self.retracted = 0  # entered-in-error resources left out
         self.warnings: list[str] = []
         self.labels = LabelReader(mapping)
         self._dir = tempfile.TemporaryDirectory(prefix="ruxo-export-")
@@ -135,9 +165,16 @@ class CaseAssembler:
         res = to_r4(resource)
         kind = res.get("resourceType")
         sys = self.m.identifier_systems
-        if kind == "Patient" and identifier_value(res, sys.patient) is not None:
-            self._db.execute("INSERT OR REPLACE INTO patient VALUES (?, ?)",
-                             (f"Patient/{res.get('id')}", orjson.dumps(res)))
+        if retracted(res):
+            self.retracted += 1
+            return
+        patient_value = identifier_value(res, self.m.patient_system) if kind == "Patient" else None
+        if patient_value is not None:
+            body = orjson.dumps(res)
+            # by id (literal references) and by identifier (link mode's conditional references)
+            self._db.executemany("INSERT OR REPLACE INTO patient VALUES (?, ?)", [
+                (f"Patient/{res.get('id')}", body),
+                (f"Patient?identifier={self.m.patient_system}|{patient_value}", body)])
             return
         if kind == "MedicationStatement":
             case_id = identifier_value(res, sys.case)
@@ -172,6 +209,8 @@ class CaseAssembler:
             self.warnings.append(
                 f"skipped {orphans} resource(s) whose case has no ruxolitinib MedicationStatement"
             )
+        if self.retracted:
+            self.warnings.append(f"left out {self.retracted} entered-in-error (retracted) resource(s)")
         if self.skipped:
             self.warnings.append(
                 f"skipped {self.skipped} resource(s) that are not part of a case "
@@ -190,9 +229,17 @@ class CaseAssembler:
                 last = seq
                 yield case_id, body
 
-    def _patient(self, key: str | None) -> Resource | None:
+    def _patient(self, reference: str | None) -> Resource | None:
+        linked = conditional_identifier(reference)
+        key = reference if linked else reference_key(reference)
         row = self._db.execute("SELECT body FROM patient WHERE key = ?", (key or "",)).fetchone()
-        return orjson.loads(row[0]) if row else None
+        if row:
+            return dict(orjson.loads(row[0]))
+        if linked and linked[0] == "Patient" and linked[1] == self.m.patient_system:
+            # link mode, read from a file import wrote: the EHR's Patient is not in it, its
+            # identifier is all we know (sex reads back as unknown)
+            return {"resourceType": "Patient", "identifier": [{"system": linked[1], "value": linked[2]}]}
+        return None
 
     # -- reading one case ----------------------------------------------------------------
     def _frequency(self, statement: Resource) -> str:
@@ -215,8 +262,7 @@ class CaseAssembler:
         return [res for _, res in sorted(found, key=lambda x: x[0])]
 
     def _record(self, case_id: str, statement: Resource, parts: dict[str, Resource]) -> CaseRecord | None:
-        patient_key = reference_key(statement.get("subject", {}).get("reference"))
-        patient = self._patient(patient_key)
+        patient = self._patient(statement.get("subject", {}).get("reference"))
         if patient is None:
             self.warnings.append(f"case {case_id}: its Patient is missing; case skipped")
             return None
@@ -229,7 +275,7 @@ class CaseAssembler:
         site = (condition.get("bodySite") or [{}])[0].get("text")
         return CaseRecord(
             case_id=case_id,
-            patient_id=identifier_value(patient, self.m.identifier_systems.patient) or "",
+            patient_id=identifier_value(patient, self.m.patient_system) or "",
             sex=self.m.sex_from_gender(str(patient.get("gender", "unknown"))),
             birth_date=patient.get("birthDate"),
             indication=self.labels.label(condition.get("code"), "indication", self.m.indications),

@@ -84,11 +84,36 @@ class IdentifierSystems(_Model):
     resource: str
 
 
+PatientMode = Literal["create", "link", "link-or-create"]
+
+
+class PatientsSpec(_Model):
+    """Whose Patients these are. `create`: ours (identifier system `identifier_systems.patient`).
+    `link`: the EHR's own Patients, matched by `match_system` (e.g. the hospital MRN) and only
+    referenced, never written. `link-or-create`: linked when found, else created carrying the
+    match identifier too."""
+
+    mode: PatientMode = "create"
+    match_system: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_system(self) -> "PatientsSpec":
+        if self.mode != "create" and not self.match_system:
+            raise ValueError(f"patients.mode {self.mode} needs patients.match_system "
+                             "(the identifier system of the EHR's own Patients, e.g. its MRN)")
+        return self
+
+    @property
+    def linked(self) -> bool:
+        return self.mode != "create"
+
+
 class MappingSpec(_Model):
     """A whole mapping file; `source` and `digest` say which file and which content."""
 
     mapping_version: str
     identifier_systems: IdentifierSystems
+    patients: PatientsSpec = Field(default_factory=PatientsSpec)
     project_systems: dict[str, str]
     min_confidence: Confidence = "P"
     columns: dict[str, ColumnSpec]
@@ -124,6 +149,13 @@ class MappingSpec(_Model):
                 out.append((f"observations.{name}.code", obs.code))
             out += [(f"observations.{name}.categories.{k}", c) for k, c in obs.categories.items()]
         return out
+
+    @property
+    def patient_system(self) -> str:
+        """The identifier system that names a case's Patient (the MRN system in link modes)."""
+        if self.patients.linked and self.patients.match_system:
+            return self.patients.match_system
+        return self.identifier_systems.patient
 
     def system_uri(self, name: str, *, where: str = "") -> str:
         """Resolve a short system name (`snomed`, `project:outcome`) or pass a URI through."""

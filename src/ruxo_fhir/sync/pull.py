@@ -20,7 +20,7 @@ from ruxo_fhir.bundle import atomic_write_bytes
 from ruxo_fhir.errors import InputError
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.forward import ForwardMapper
-from ruxo_fhir.mapping.reverse import identifier_value, reference_key
+from ruxo_fhir.mapping.reverse import identifier_value, reference_key, retracted
 from ruxo_fhir.mapping.spec import MappingSpec
 
 log = logging.getLogger("ruxo_fhir.sync")
@@ -51,6 +51,7 @@ class PullOptions:
 @dataclass
 class PullResult:
     counts: dict[str, int] = field(default_factory=dict)
+    retracted: int = 0  # entered-in-error resources left out
     started_at: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -67,18 +68,33 @@ def _params(base: dict[str, str], opt: PullOptions) -> dict[str, str]:
     return params
 
 
+def _kept(resources: Iterator[Resource], res: PullResult) -> Iterator[Resource]:
+    """Leave out entered-in-error (retracted) resources, counting them."""
+    for resource in resources:
+        if retracted(to_r4(resource)):
+            res.retracted += 1
+            continue
+        yield resource
+
+
 def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | None = None,
                 result: PullResult | None = None) -> Iterator[Resource]:
     """Yield the cohort's resources page by page (every `next` link followed).
 
     Memory: the set of the cohort's patient references, nothing per resource body.
     """
-    opt = options or PullOptions()
     res = result or PullResult()
+    yield from _kept(_pull_cohort(client, mapping, options or PullOptions(), res), res)
+    if res.retracted:
+        res.warnings.append(f"left out {res.retracted} entered-in-error (retracted) resource(s)")
+
+
+def _pull_cohort(client: Client, mapping: MappingSpec, opt: PullOptions, res: PullResult) -> Iterator[Resource]:
     sys = mapping.identifier_systems
+    patient_system = mapping.patient_system
     subject: dict[str, str] = {}
     if opt.patient:
-        matches = list(client.search("Patient", {"identifier": f"{sys.patient}|{opt.patient}"}))
+        matches = list(client.search("Patient", {"identifier": f"{patient_system}|{opt.patient}"}))
         if not matches:
             res.warnings.append("no Patient with that patient_id on the server")
             return
@@ -116,7 +132,7 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
                 if identifier_value(part, sys.resource):
                     res.add(kind)
                     yield part
-        for patient in client.search("Patient", _params({"identifier": f"{sys.patient}|"}, opt)):
+        for patient in client.search("Patient", _params({"identifier": f"{patient_system}|"}, opt)):
             res.add("Patient")
             yield patient
         return
@@ -134,7 +150,7 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
         params = _params({"_id": ",".join(part_ids)}, opt)
         params.setdefault("_count", str(len(part_ids)))
         for patient in client.search("Patient", params):
-            if identifier_value(patient, sys.patient) is None:
+            if identifier_value(patient, patient_system) is None:
                 continue
             res.add("Patient")
             yield patient
@@ -144,6 +160,11 @@ def filter_cohort(resources_by_type: Callable[[str], Iterator[Resource]], mappin
                   result: PullResult | None = None) -> Iterator[Resource]:
     """Keep only the cohort from a whole-server export (two passes over the Patients)."""
     res = result or PullResult()
+    yield from _kept(_filter_cohort(resources_by_type, mapping, res), res)
+
+
+def _filter_cohort(resources_by_type: Callable[[str], Iterator[Resource]], mapping: MappingSpec,
+                   res: PullResult) -> Iterator[Resource]:
     sys = mapping.identifier_systems
     patients: set[str] = set()
     for kind in PART_TYPES:
@@ -157,7 +178,7 @@ def filter_cohort(resources_by_type: Callable[[str], Iterator[Resource]], mappin
             res.add(kind)
             yield resource
     for patient in resources_by_type("Patient"):
-        if f"Patient/{patient.get('id')}" in patients and identifier_value(patient, sys.patient):
+        if f"Patient/{patient.get('id')}" in patients and identifier_value(patient, mapping.patient_system):
             res.add("Patient")
             yield patient
 
