@@ -1,11 +1,11 @@
 """Case record -> FHIR R4 resources (plain dicts), driven by the mapping file."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
-from ruxo_fhir.mapping.ids import derive_id, ref
+from ruxo_fhir.mapping.ids import id_deriver
 from ruxo_fhir.mapping.spec import LabelSpec, MappingSpec
 from ruxo_fhir.records import CaseRecord
 
@@ -27,57 +27,128 @@ def number(value: Decimal) -> int | float:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
+def _concept(value: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """Fresh copies of a constant CodeableConcept (`coding` of flat dicts, optional `text`).
+
+    A mapping fixes many concepts (medication, route, a label's codes, categories): they are
+    built once per mapper and copied per resource (a caller may edit a resource), which costs a
+    fraction of rebuilding them. Key order is kept (`coding` first), so output bytes are too.
+    """
+    codings = tuple(value["coding"])
+    if "text" in value:
+        text = value["text"]
+        return lambda: {"coding": [c.copy() for c in codings], "text": text}
+    return lambda: {"coding": [c.copy() for c in codings]}
+
+
 class ForwardMapper:
-    """Builds the FHIR resources of one case; holds only the mapping, no cohort state."""
+    """Builds the FHIR resources of one case; holds only the mapping, no cohort state.
+
+    Hot path of the import: constant concepts are built once (see `_concept`), and the ids a
+    case's resources share (patient, condition, statement) are derived once per case.
+    """
 
     def __init__(self, mapping: MappingSpec) -> None:
         self.m = mapping
-        self.sys = mapping.identifier_systems
-        # Ids of one case are referenced by several of its resources: derive each once. A small
-        # memo (cleared when full) keeps memory flat on a million-row stream.
-        self._ids: dict[tuple[str, str, str], str] = {}
-
-    def _id(self, resource_type: str, system: str, value: str) -> str:
-        key = (resource_type, system, value)
-        found = self._ids.get(key)
-        if found is None:
-            if len(self._ids) >= 4096:
-                self._ids.clear()
-            found = self._ids[key] = derive_id(resource_type, system, value)
-        return found
+        self.sys = sys_ = mapping.identifier_systems
+        self._patient_ids: dict[str, str] = {}  # small memo (patients have several cases)
+        self._patient_id = id_deriver("Patient", sys_.patient)
+        self._statement_id = id_deriver("MedicationStatement", sys_.case)
+        self._part_ids: dict[str, Callable[[str], str]] = {}
+        self._last: tuple[CaseRecord | None, tuple[str, str, str]] = (None, ("", "", ""))
+        self._link = mapping.patients.mode == "link"
+        m, s = mapping, mapping.systems
+        self._labels: dict[int, dict[str, Callable[[], dict[str, Any]]]] = {
+            id(table): {label: _concept(self._build_label_concept(spec, project, label))
+                        for label, spec in table.items()}
+            for project, table in (("indication", m.indications), ("prior_treatment", m.prior_treatments),
+                                   ("adverse_event", m.adverse_events))
+        }
+        self._body_sites = {key: m.coding(code) for key, code in m.body_sites.items() if m.keeps(code)}
+        self._clinical = _concept({"coding": [{"system": s["condition_clinical"], "code": "active"}]})
+        self._verification = _concept({"coding": [{"system": s["condition_verification"], "code": "confirmed"}]})
+        self._condition_category = _concept({"coding": [{"system": s["condition_category"],
+                                                         "code": "problem-list-item"}]})
+        med = m.medication
+        self._medication = _concept({"coding": m.codings(med.codes), "text": med.text})
+        self._route = _concept({"coding": m.codings(med.route.codes), "text": med.route.text})
+        # integral periods as JSON integers: servers echo `1`, not `1.0`, and the push ledger /
+        # dry-run compare content byte for byte
+        self._repeats = {key: (freq.frequency, number(Decimal(str(freq.period))), freq.period_unit)
+                         for key, freq in med.frequencies.items()}
+        self._timing_system = s["timing_abbreviation"]
+        self._categories: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._absent_reason = _concept({"coding": [{"system": s["data_absent_reason"], "code": "unknown"}]})
+        self._codes = {name: _concept({"coding": [m.coding(code)], "text": code.display or code.code})
+                       for name in ("improvement", "recurrence")
+                       if (code := getattr(m.observations, name).code) is not None}
+        self._ucum = s["ucum"]
+        self._score_system = m.project_systems["score"]
 
     # -- ids -----------------------------------------------------------------------------
     def patient_id(self, patient_id: str) -> str:
-        return self._id("Patient", self.sys.patient, patient_id)
+        found = self._patient_ids.get(patient_id)
+        if found is None:
+            if len(self._patient_ids) >= 4096:  # bounded: memory stays flat on a long stream
+                self._patient_ids.clear()
+            found = self._patient_ids[patient_id] = self._patient_id(patient_id)
+        return found
 
     def subject(self, patient_id: str) -> dict[str, str]:
         """The reference to a case's Patient. Link mode: the EHR's own Patient, found by the
         match identifier (a conditional reference, resolved by push or by the server in a
         transaction); otherwise our Patient at its derived id."""
-        if self.m.patients.mode == "link":
-            return {"reference": f"Patient?identifier={self.m.patients.match_system}|{patient_id}"}
-        return ref("Patient", self.patient_id(patient_id))
+        return {"reference": self._subject_reference(patient_id)}
+
+    def _subject_reference(self, patient_id: str) -> str:
+        if self._link:
+            return f"Patient?identifier={self.m.patients.match_system}|{patient_id}"
+        return f"Patient/{self.patient_id(patient_id)}"
 
     def case_statement_id(self, case_id: str) -> str:
-        return self._id("MedicationStatement", self.sys.case, case_id)
+        return self._statement_id(case_id)
 
     def part_identifier(self, case_id: str, role: str) -> dict[str, str]:
         return {"system": self.sys.resource, "value": f"{case_id}:{role}"}
 
     def part_id(self, resource_type: str, case_id: str, role: str) -> str:
-        return self._id(resource_type, self.sys.resource, f"{case_id}:{role}")
+        derive = self._part_ids.get(resource_type)
+        if derive is None:
+            derive = self._part_ids[resource_type] = id_deriver(resource_type, self.sys.resource)
+        return derive(f"{case_id}:{role}")
+
+    def _case_ids(self, r: CaseRecord) -> tuple[str, str, str]:
+        """(subject reference, condition id, statement id) of the case, derived once for all
+        its resources."""
+        last, ids = self._last
+        if last is not r:
+            ids = (self._subject_reference(r.patient_id), self.part_id("Condition", r.case_id, ROLE_CONDITION),
+                   self._statement_id(r.case_id))
+            self._last = (r, ids)
+        return ids
 
     # -- concepts ------------------------------------------------------------------------
-    def _label_concept(self, table: dict[str, LabelSpec], project: str, label: str) -> dict[str, Any]:
-        spec = table.get(label)
-        if spec is None:
-            return {"text": label}  # unknown label: text only, never an invented code
+    def _build_label_concept(self, spec: LabelSpec, project: str, label: str) -> dict[str, Any]:
         coding = self.m.codings(spec.codes)
         coding.append({"system": self.m.project_systems[project], "code": label, "display": spec.display})
         return {"coding": coding, "text": spec.display}
 
+    def _label_concept(self, table: dict[str, LabelSpec], project: str, label: str) -> dict[str, Any]:
+        built = self._labels.get(id(table))
+        if built is None:  # not one of the mapping's own tables
+            spec = table.get(label)
+            return {"text": label} if spec is None else self._build_label_concept(spec, project, label)
+        make = built.get(label)
+        if make is None:
+            return {"text": label}  # unknown label: text only, never an invented code
+        return make()
+
     def _category(self, code: str) -> list[dict[str, Any]]:
-        return [{"coding": [{"system": self.m.systems["observation_category"], "code": code}]}]
+        make = self._categories.get(code)
+        if make is None:
+            make = self._categories[code] = _concept(
+                {"coding": [{"system": self.m.systems["observation_category"], "code": code}]})
+        return [make()]
 
     # -- resources -----------------------------------------------------------------------
     def patient(self, r: CaseRecord) -> Resource:
@@ -99,54 +170,52 @@ class ForwardMapper:
         return out
 
     def condition(self, r: CaseRecord) -> Resource:
-        s = self.m.systems
+        subject, condition, _ = self._case_ids(r)
         res: Resource = {
             "resourceType": "Condition",
-            "id": self.part_id("Condition", r.case_id, ROLE_CONDITION),
+            "id": condition,
             "identifier": [self.part_identifier(r.case_id, ROLE_CONDITION)],
-            "clinicalStatus": {"coding": [{"system": s["condition_clinical"], "code": "active"}]},
-            "verificationStatus": {"coding": [{"system": s["condition_verification"], "code": "confirmed"}]},
-            "category": [{"coding": [{"system": s["condition_category"], "code": "problem-list-item"}]}],
+            "clinicalStatus": self._clinical(),
+            "verificationStatus": self._verification(),
+            "category": [self._condition_category()],
             "code": self._label_concept(self.m.indications, "indication", r.indication),
-            "subject": self.subject(r.patient_id),
+            "subject": {"reference": subject},
         }
         if r.site:
             site: dict[str, Any] = {"text": r.site}
-            code = self.m.body_sites.get(r.site.strip().lower())
-            if code is not None and self.m.keeps(code):
-                site["coding"] = [self.m.coding(code)]
+            coding = self._body_sites.get(r.site.strip().lower())
+            if coding is not None:
+                site["coding"] = [coding.copy()]
             res["bodySite"] = [site]
         if r.disease_onset:
             res["onsetDateTime"] = r.disease_onset
         return res
 
     def medication_statement(self, r: CaseRecord) -> Resource:
-        med = self.m.medication
-        freq = med.frequencies[r.frequency]
-        timing_code = {"system": self.m.systems["timing_abbreviation"], "code": r.frequency}
+        subject, condition, statement = self._case_ids(r)
+        freq = self.m.medication.frequencies[r.frequency]
+        frequency, period, period_unit = self._repeats[r.frequency]
         return {
             "resourceType": "MedicationStatement",
-            "id": self.case_statement_id(r.case_id),
+            "id": statement,
             "identifier": [{"system": self.sys.case, "value": r.case_id}],
             "status": "active",
-            "medicationCodeableConcept": {"coding": self.m.codings(med.codes), "text": med.text},
-            "subject": self.subject(r.patient_id),
+            "medicationCodeableConcept": self._medication(),
+            "subject": {"reference": subject},
             "effectivePeriod": {"start": r.treatment_start},
-            "reasonReference": [ref("Condition", self.part_id("Condition", r.case_id, ROLE_CONDITION))],
+            "reasonReference": [{"reference": f"Condition/{condition}"}],
             "dosage": [{
                 "text": freq.text,
                 "timing": {
-                    # integral periods as JSON integers: servers echo `1`, not `1.0`, and the push
-                    # ledger / dry-run compare content byte for byte
-                    "repeat": {"frequency": freq.frequency, "period": number(Decimal(str(freq.period))),
-                               "periodUnit": freq.period_unit},
-                    "code": {"coding": [timing_code], "text": r.frequency},
+                    "repeat": {"frequency": frequency, "period": period, "periodUnit": period_unit},
+                    "code": {"coding": [{"system": self._timing_system, "code": r.frequency}], "text": r.frequency},
                 },
-                "route": {"coding": self.m.codings(med.route.codes), "text": med.route.text},
+                "route": self._route(),
             }],
         }
 
     def prior_treatment(self, r: CaseRecord, index: int, label: str) -> Resource:
+        subject, condition, _ = self._case_ids(r)
         role = f"{ROLE_PRIOR}{index}"
         return {
             "resourceType": "MedicationStatement",
@@ -154,35 +223,34 @@ class ForwardMapper:
             "identifier": [self.part_identifier(r.case_id, role)],
             "status": "completed",
             "medicationCodeableConcept": self._label_concept(self.m.prior_treatments, "prior_treatment", label),
-            "subject": self.subject(r.patient_id),
-            "reasonReference": [ref("Condition", self.part_id("Condition", r.case_id, ROLE_CONDITION))],
+            "subject": {"reference": subject},
+            "reasonReference": [{"reference": f"Condition/{condition}"}],
         }
 
     def _observation(self, r: CaseRecord, role: str, code: dict[str, Any], category: str | None) -> Resource:
+        subject, condition, statement = self._case_ids(r)
         res: Resource = {
             "resourceType": "Observation",
             "id": self.part_id("Observation", r.case_id, role),
             "identifier": [self.part_identifier(r.case_id, role)],
             "status": "final",
             "code": code,
-            "subject": self.subject(r.patient_id),
-            "partOf": [ref("MedicationStatement", self.case_statement_id(r.case_id))],
-            "focus": [ref("Condition", self.part_id("Condition", r.case_id, ROLE_CONDITION))],
+            "subject": {"reference": subject},
+            "partOf": [{"reference": f"MedicationStatement/{statement}"}],
+            "focus": [{"reference": f"Condition/{condition}"}],
         }
         if category:
             res["category"] = self._category(category)
         return res
 
     def _quantity(self, value: Decimal, unit: str) -> dict[str, Any]:
-        return {"value": number(value), "unit": unit, "system": self.m.systems["ucum"], "code": unit}
+        return {"value": number(value), "unit": unit, "system": self._ucum, "code": unit}
 
     def improvement(self, r: CaseRecord) -> Resource | None:
         if r.improvement_pct is None and r.evaluation_date is None:
             return None
         spec = self.m.observations.improvement
-        assert spec.code is not None
-        code = {"coding": [self.m.coding(spec.code)], "text": spec.code.display or spec.code.code}
-        res = self._observation(r, ROLE_IMPROVEMENT, code, spec.category)
+        res = self._observation(r, ROLE_IMPROVEMENT, self._codes["improvement"](), spec.category)
         if r.evaluation_date:
             res["effectiveDateTime"] = r.evaluation_date
         if r.improvement_pct is not None:
@@ -192,16 +260,12 @@ class ForwardMapper:
         return res
 
     def _absent(self) -> dict[str, Any]:
-        return {"coding": [{"system": self.m.systems["data_absent_reason"], "code": "unknown"}]}
+        return self._absent_reason()
 
     def scores(self, r: CaseRecord) -> Iterator[Resource]:
         if not r.score_name:
             return
         spec = self.m.observations.score
-        code = {
-            "coding": [{"system": self.m.project_systems["score"], "code": r.score_name}],
-            "text": r.score_name,
-        }
         for role, value, when in (
             (ROLE_SCORE_BASELINE, r.baseline_score, r.treatment_start),
             (ROLE_SCORE_FOLLOWUP, r.followup_score, r.evaluation_date),
@@ -210,6 +274,7 @@ class ForwardMapper:
             # (dataAbsentReason), so the score name is never lost
             if value is None and (role == ROLE_SCORE_FOLLOWUP or r.followup_score is not None):
                 continue
+            code = {"coding": [{"system": self._score_system, "code": r.score_name}], "text": r.score_name}
             res = self._observation(r, role, code, spec.category)
             if when:
                 res["effectiveDateTime"] = when
@@ -222,14 +287,12 @@ class ForwardMapper:
     def recurrence(self, r: CaseRecord) -> Resource | None:
         if r.recurrence_after_stop is None:
             return None
-        spec = self.m.observations.recurrence
-        assert spec.code is not None
-        code = {"coding": [self.m.coding(spec.code)], "text": spec.code.display or spec.code.code}
-        res = self._observation(r, ROLE_RECURRENCE, code, None)
+        res = self._observation(r, ROLE_RECURRENCE, self._codes["recurrence"](), None)
         res["valueBoolean"] = r.recurrence_after_stop
         return res
 
     def adverse_event(self, r: CaseRecord, index: int, label: str) -> Resource:
+        subject, _, statement = self._case_ids(r)
         role = f"{ROLE_ADVERSE}{index}"
         res: Resource = {
             "resourceType": "AdverseEvent",
@@ -237,8 +300,8 @@ class ForwardMapper:
             "identifier": self.part_identifier(r.case_id, role),  # R4: 0..1, not a list
             "actuality": "actual",
             "event": self._label_concept(self.m.adverse_events, "adverse_event", label),
-            "subject": self.subject(r.patient_id),
-            "suspectEntity": [{"instance": ref("MedicationStatement", self.case_statement_id(r.case_id))}],
+            "subject": {"reference": subject},
+            "suspectEntity": [{"instance": {"reference": f"MedicationStatement/{statement}"}}],
         }
         if r.evaluation_date:
             res["date"] = r.evaluation_date
@@ -247,17 +310,20 @@ class ForwardMapper:
     def case(self, r: CaseRecord, *, include_patient: bool) -> list[Resource]:
         """All resources of one case, referenced ones first (Patient, Condition, statement)."""
         out: list[Resource] = []
-        if include_patient and self.m.patients.mode != "link":  # link: the EHR owns its Patients
+        if include_patient and not self._link:  # link: the EHR owns its Patients
             out.append(self.patient(r))
         out.append(self.condition(r))
         out.append(self.medication_statement(r))
-        out.extend(self.prior_treatment(r, i, label) for i, label in enumerate(r.prior_treatments, 1))
+        for i, label in enumerate(r.prior_treatments, 1):
+            out.append(self.prior_treatment(r, i, label))
         improvement = self.improvement(r)
         if improvement:
             out.append(improvement)
-        out.extend(self.scores(r))
+        if r.score_name:
+            out.extend(self.scores(r))
         recurrence = self.recurrence(r)
         if recurrence:
             out.append(recurrence)
-        out.extend(self.adverse_event(r, i, label) for i, label in enumerate(r.adverse_events, 1))
+        for i, label in enumerate(r.adverse_events, 1):
+            out.append(self.adverse_event(r, i, label))
         return out

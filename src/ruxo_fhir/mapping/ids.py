@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 
 def derive_id(resource_type: str, system: str, value: str) -> str:
@@ -12,6 +13,20 @@ def derive_id(resource_type: str, system: str, value: str) -> str:
     """
     digest = hashlib.sha256(f"{resource_type}|{system}|{value}".encode()).hexdigest()
     return f"r{digest[:32]}"
+
+
+def id_deriver(resource_type: str, system: str) -> Callable[[str], str]:
+    """`derive_id` with the type and system fixed: the same ids, without re-encoding the prefix.
+
+    The forward mapping derives several ids per row; this is its hot path.
+    """
+    prefix = f"{resource_type}|{system}|".encode()
+    sha256 = hashlib.sha256
+
+    def derive(value: str) -> str:
+        return "r" + sha256(prefix + value.encode()).hexdigest()[:32]
+
+    return derive
 
 
 def ref(resource_type: str, resource_id: str) -> dict[str, str]:
