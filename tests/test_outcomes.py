@@ -170,7 +170,7 @@ def test_latest_evaluation_counts_and_unit_is_checked(example_bundle: Path, tmp_
                and e["resource"]["identifier"][0]["value"] == "C12:improvement")
     later = json.loads(json.dumps(imp))
     later["id"] = "later-eval"
-    later["identifier"] = [{"system": "https://other.example/sid", "value": "x"}]
+    later["identifier"] = [{"system": imp["identifier"][0]["system"], "value": "C12:improvement-2025-03-01"}]
     later["effectiveDateTime"] = "2025-03-01"
     later["valueQuantity"] = {"value": 0.9, "unit": "1", "system": "http://unitsofmeasure.org", "code": "1"}
     bundle["entry"].append({"resource": later})

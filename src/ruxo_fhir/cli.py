@@ -128,6 +128,18 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
 
 # --- import -----------------------------------------------------------------------------
 
+strict_option = click.option("--strict", is_flag=True,
+                             help="Treat warnings as errors: exit 1 when there was any warning.")
+
+
+def exit_strict(strict: bool, warnings: int) -> None:
+    """With --strict a run that warned ends with exit 1 (its output is still written)."""
+    if strict and warnings:
+        click.echo(f"--strict: {warnings} warning(s); exit 1", err=True)
+        sys.exit(EXIT_REJECTED)
+    sys.exit(EXIT_OK)
+
+
 @cli.command("import")
 @click.argument("cases", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -141,10 +153,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_format: str) -> None:
               help="Write a JSON run report (counts, inputs with sha256, versions).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes for mapping and validation (same output, byte for byte).")
+@strict_option
 @click.pass_obj
 @handles_errors
 def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: Path | None,
-               fhir_version: str, rejects: Path | None, report_path: Path | None, jobs: int) -> None:
+               fhir_version: str, rejects: Path | None, report_path: Path | None, jobs: int,
+               strict: bool) -> None:
     """Map a case-record CSV to validated FHIR resources.
 
     Delimiter (, ; tab) and encoding (UTF-8 with or without BOM, Windows-1252, UTF-16 with
@@ -181,7 +195,9 @@ def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: P
     run.warnings.extend(result.report.warning_lines())
     run.write(report_path)
     click.echo(result.summary_line, err=True)
-    sys.exit(EXIT_REJECTED if result.report.rejected else EXIT_OK)
+    if result.report.rejected:
+        sys.exit(EXIT_REJECTED)
+    exit_strict(strict, len(result.report.warnings))
 
 
 # --- validate ---------------------------------------------------------------------------
@@ -539,10 +555,11 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="With --write-back and a file SOURCE: the Bundle to write the derived Observations to.")
 @mapping_option
+@strict_option
 @click.pass_obj
 @handles_errors
 def outcomes_cmd(obj: Ctx, /, source: Path | None, fmt: str | None, plot_path: Path | None, write_back: bool,
-                 output: Path | None, mapping_path: Path | None, **kwargs: Any) -> None:
+                 output: Path | None, mapping_path: Path | None, strict: bool, **kwargs: Any) -> None:
     """Response per case and cohort tables with a Clopper-Pearson 95 % CI.
 
     SOURCE is a case CSV, a Bundle JSON or an ndjson folder; or give --server (no SOURCE) to
@@ -610,6 +627,10 @@ def outcomes_cmd(obj: Ctx, /, source: Path | None, fmt: str | None, plot_path: P
     finally:
         if client is not None:
             client.close()
+    if not result.cases:
+        click.echo("no cohort case in the source: nothing to evaluate (see the warnings)", err=True)
+        sys.exit(EXIT_REJECTED)
+    exit_strict(strict, len(result.warnings))
 
 
 @cli.command("check")

@@ -36,6 +36,7 @@ from ruxo_fhir.outcomes_rule import (
     months_between,
     to_decimal,
 )
+from ruxo_fhir.records import FractionCheck
 
 Resource = dict[str, Any]
 
@@ -79,13 +80,15 @@ class CaseOutcome:
     statement_key: str = ""
     patient_key: str | None = None
     condition_key: str | None = None
+    not_evaluable_reason: str | None = None
+    from_score: bool = False  # the improvement was computed from baseline/follow-up scores
 
     def public(self) -> dict[str, Any]:
         return {
             "case_id": self.case_id, "indication": self.indication, "site": self.site,
             "improvement_pct": self.improvement_pct, "category": self.category,
             "months_to_evaluation": self.months_to_evaluation, "group": self.group,
-            "evaluation_date": self.evaluation_date,
+            "evaluation_date": self.evaluation_date, "not_evaluable_reason": self.not_evaluable_reason,
         }
 
 
@@ -125,6 +128,7 @@ class OutcomeCollector:
         self.pending: dict[str, tuple[list[_Value], list[_Value]]] = {}
         self.warnings: list[str] = []
         self.retracted = 0  # entered-in-error resources left out
+        self.foreign = 0  # Observations about cohort cases that carry no identifier of ours
         imp = mapping.observations.improvement.code
         assert imp is not None
         self._improvement_code = (mapping.system_uri(imp.system), imp.code)
@@ -180,11 +184,15 @@ class OutcomeCollector:
         ms_key = self._statement_key(obs)
         if ms_key is None:
             return
-        qty = obs.get("valueQuantity") or {}
-        role = None
+        # The cohort rule of every source (file, server, export): a part of a case carries the
+        # mapping's per-resource identifier system. Another application's Observation pointing
+        # at one of our statements is theirs, not an evaluation of this cohort.
         part = identifier_value(obs, self.m.identifier_systems.resource)
-        if part and ":" in part:
-            role = part.rsplit(":", 1)[1]
+        if not part or ":" not in part:
+            self.foreign += 1
+            return
+        qty = obs.get("valueQuantity") or {}
+        role = part.rsplit(":", 1)[1]
         value = _Value(day(obs.get("effectiveDateTime") or (obs.get("effectivePeriod") or {}).get("end")),
                        json_decimal(qty.get("value")), key, qty.get("code") or qty.get("unit"),
                        obs.get("code", {}).get("text") or (score or {}).get("code"), role)
@@ -207,6 +215,7 @@ class OutcomeCollector:
         eval_date: str | None = None
         used: list[str] = []
         valued = [v for v in improvements if v.value is not None]
+        reason: str | None = None
         if len(improvements) > 1:
             self.warnings.append(f"case {cid}: {len(improvements)} evaluations; the latest counts")
         if valued:
@@ -215,10 +224,13 @@ class OutcomeCollector:
                 self.warnings.append(f"case {cid}: improvement Observation unit is {latest.unit!r}, not '%'")
             exact, eval_date, used = Fraction(latest.value), latest.date, [latest.key]  # type: ignore[arg-type]
         elif scores:
-            exact, eval_date, used = self._from_scores(state, scores)
+            exact, eval_date, used, reason = self._from_scores(state, scores)
+        elif improvements:
+            reason = "evaluation without an improvement value"
         if not valued and improvements and eval_date is None:
             eval_date = max((v.date or "" for v in improvements)) or None
         if eval_date is None and not improvements and not scores:
+            reason = "no evaluation"
             self.warnings.append(f"case {cid}: no evaluation")
         months = None
         if eval_date and state.start and len(eval_date) == 10 and len(state.start) == 10:
@@ -231,10 +243,12 @@ class OutcomeCollector:
             improvement_pct=pct, category=classify(exact), months_to_evaluation=months,
             evaluation_date=eval_date, treatment_start=state.start, exact_improvement=exact,
             derived_from=used, statement_key=state.statement_key, patient_key=state.patient_key,
-            condition_key=state.condition_key,
+            condition_key=state.condition_key, not_evaluable_reason=reason if exact is None else None,
+            from_score=not valued and exact is not None,
         )
 
-    def _from_scores(self, state: _CaseState, scores: list[_Value]) -> tuple[Fraction | None, str | None, list[str]]:
+    def _from_scores(self, state: _CaseState, scores: list[_Value]
+                     ) -> tuple[Fraction | None, str | None, list[str], str | None]:
         cid = state.case_id
         start = state.start or ""
 
@@ -248,10 +262,10 @@ class OutcomeCollector:
         if not baselines:
             self.warnings.append(f"case {cid}: score without a baseline; not evaluable")
             latest_date = max((v.date or "" for v in followups), default="") or None
-            return None, latest_date, []
+            return None, latest_date, [], "score without a baseline"
         if not followups:
             self.warnings.append(f"case {cid}: score without a follow-up; not evaluable")
-            return None, None, []
+            return None, None, [], "score without a follow-up"
         base = max(baselines, key=lambda v: v.date or "")
         follow = max(followups, key=lambda v: v.date or "")
         higher_better = (follow.name or "") in self.m.observations.score.higher_is_better
@@ -260,10 +274,11 @@ class OutcomeCollector:
             exact = improvement_fraction(base.value, follow.value, higher_better)
         except ValueError as exc:
             self.warnings.append(f"case {cid}: {exc}; not evaluable")
-            return None, follow.date, []
+            return None, follow.date, [], str(exc)
         if exact is None:
             self.warnings.append(f"case {cid}: baseline score is 0; not evaluable")
-        return exact, follow.date, [base.key, follow.key]
+            return None, follow.date, [base.key, follow.key], "baseline score is 0"
+        return exact, follow.date, [base.key, follow.key], None
 
     def result(self) -> CohortOutcomes:
         if self.retracted:
@@ -271,8 +286,22 @@ class OutcomeCollector:
         orphans = set(self.pending) - set(self.cases)
         if orphans:
             self.warnings.append(f"{len(orphans)} evaluation group(s) point at no case MedicationStatement")
+        if self.foreign:
+            self.warnings.append(
+                f"skipped {self.foreign} Observation(s) about cohort cases without the mapping's identifier "
+                f"system {self.m.identifier_systems.resource} (another application's data; not counted)")
         cases = [self._evaluate(s) for s in self.cases.values()]
         cases.sort(key=lambda c: c.case_id)
+        if not cases:
+            self.warnings.append(
+                "no cohort case: no MedicationStatement carries the case identifier system "
+                f"{self.m.identifier_systems.case} (wrong file, server or --mapping?)")
+        fractions = FractionCheck("improvement_pct (improvement Observations)")
+        for c in cases:
+            if c.improvement_pct is not None and not c.from_score:
+                fractions.add(c.improvement_pct)
+        if fractions.suspicious:
+            self.warnings.append(fractions.message())
         return summarise(cases, self.warnings)
 
 
@@ -294,6 +323,14 @@ def summarise(cases: list[CaseOutcome], warnings: list[str]) -> CohortOutcomes:
         row["n"] += 1
         row[c.category] += 1
         by_group[c.group] = by_group.get(c.group, 0) + 1
+    not_evaluable = [c for c in cases if c.category == "not_evaluable"]
+    if not_evaluable:
+        why: dict[str, list[str]] = {}
+        for c in not_evaluable:
+            why.setdefault(c.not_evaluable_reason or "no usable evaluation", []).append(c.case_id)
+        detail = "; ".join(f"{r}: {', '.join(ids)}" for r, ids in why.items())
+        warnings = [*warnings, f"{len(not_evaluable)} of {len(cases)} case(s) not evaluable ({detail}); "
+                    f"the response rate counts the {evaluable} evaluable case(s) only"]
     return CohortOutcomes(RULE_VERSION, cases, summary, by_ind, by_group, warnings)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
 import hashlib
 import re
 from array import array
@@ -14,13 +15,9 @@ from pathlib import Path
 from typing import TextIO
 
 from ruxo_fhir.errors import InputError
+from ruxo_fhir.mapping.spec import CANONICAL_COLUMNS as CANONICAL_COLUMNS
 from ruxo_fhir.mapping.spec import MappingSpec
 
-CANONICAL_COLUMNS: tuple[str, ...] = (
-    "case_id", "patient_id", "sex", "birth_date", "indication", "site", "disease_onset",
-    "prior_treatments", "treatment_start", "frequency", "evaluation_date", "improvement_pct",
-    "score_name", "baseline_score", "followup_score", "adverse_events", "recurrence_after_stop",
-)
 
 _FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _YEAR_MONTH = re.compile(r"^\d{4}-\d{2}$")
@@ -225,6 +222,20 @@ def _decimal(column: str, value: str) -> Decimal:
     return number
 
 
+def _close_match(name: str, candidates: list[str]) -> str | None:
+    """The candidate header most like `name` (case, spaces and `_`/`-` ignored), if close enough."""
+    def norm(text: str) -> str:
+        return re.sub(r"[\s_\-.]+", "", text.lower())
+
+    keyed = {norm(c): c for c in candidates}
+    target = norm(name)
+    found = difflib.get_close_matches(target, list(keyed), n=1, cutoff=0.6)
+    if found:
+        return keyed[found[0]]
+    prefix = [c for k, c in keyed.items() if k and (k.startswith(target) or target.startswith(k))]
+    return prefix[0] if len(prefix) == 1 else None
+
+
 def _labels(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(";") if part.strip())
 
@@ -401,6 +412,32 @@ class CrossRowIndex:
 
 # --- the reader -------------------------------------------------------------------------
 
+class FractionCheck:
+    """Notices a percentage column exported as fractions (0.85 for 85 %): every value in 0..1."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.count = 0
+        self.outside = False
+
+    def add(self, value: Decimal | float) -> None:
+        self.count += 1
+        if not self.outside and not 0 <= value <= 1:
+            self.outside = True
+
+    @property
+    def suspicious(self) -> bool:
+        return self.count > 0 and not self.outside
+
+    def message(self) -> str:
+        return (f"{self.column}: all {self.count} value(s) are between 0 and 1 -- a percentage column "
+                "exported as fractions? (0.85 is read as 0.85 %, not 85 %; export percent numbers, 0-100)")
+
+    def warn(self, report: ReadReport) -> None:
+        if self.suspicious:
+            report.warn(self.message())
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     record: CaseRecord
@@ -456,12 +493,31 @@ class CaseReader:
                 f"missing required column(s): {', '.join(missing)} (is this a case CSV?)",
                 file=str(self.path), row=1,
             )
-        if extras:
-            self.report.warn(f"extra column(s) ignored, kept out of FHIR: {', '.join(extras)}")
+        self._header_warnings([c for c in self.mapping.columns if c not in columns], extras)
         return columns
+
+    def _header_warnings(self, missing: list[str], extras: list[str]) -> None:
+        """Name every mapped column the header lacks, with the extra column it was probably renamed to."""
+        unmatched = list(extras)
+        absent: list[str] = []
+        for name in missing:
+            guess = _close_match(name, unmatched)
+            if guess is None:
+                absent.append(name)
+                continue
+            unmatched.remove(guess)
+            self.report.warn(
+                f"column {guess!r} is not in the mapping and is ignored: did you mean {name}? "
+                f"({name} is missing from the header: rename the column, or add {guess!r} to "
+                f"columns.{name}.aliases in a --mapping copy)")
+        if absent:
+            self.report.warn(f"mapped column(s) missing from the header, read as empty: {', '.join(absent)}")
+        if unmatched:
+            self.report.warn(f"extra column(s) ignored, kept out of FHIR: {', '.join(unmatched)}")
 
     def __iter__(self) -> Iterator[Accepted | Reject]:
         index = CrossRowIndex()
+        fractions = FractionCheck("improvement_pct")
         mapping = self.mapping
         with self._open() as fh:
             # strict: an unterminated quote is an error, not the rest of the file in one field
@@ -492,8 +548,11 @@ class CaseReader:
                         yield Reject(start_line, values, exc.column, exc.error)
                         continue
                     self._label_warnings(record)
+                    if record.improvement_pct is not None:
+                        fractions.add(record.improvement_pct)
                     self.report.accepted += 1
                     yield Accepted(record, index.add(record))
+                fractions.warn(self.report)
             except csv.Error as exc:
                 why = "unterminated quote" if "end of data" in str(exc) or "EOF" in str(exc) else str(exc)
                 raise InputError(f"not a readable CSV ({why}; check the quote characters)",

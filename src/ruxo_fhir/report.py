@@ -10,7 +10,7 @@ from ruxo_fhir.errors import RuxoError
 from ruxo_fhir.outcomes import CohortOutcomes
 
 CASE_COLUMNS = ("case_id", "indication", "group", "site", "improvement_pct", "category",
-                "months_to_evaluation", "evaluation_date")
+                "months_to_evaluation", "evaluation_date", "not_evaluable_reason")
 
 
 def _fmt(value: object) -> str:

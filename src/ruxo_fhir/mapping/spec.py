@@ -16,6 +16,19 @@ from ruxo_fhir.errors import MappingError
 Confidence = Literal["C", "P", "U"]
 _RANK = {"C": 2, "P": 1, "U": 0}
 
+# The canonical case columns, in export order: the code reads each of them, so a mapping must
+# declare every one (a column the mapping forgot would be read as empty, silently).
+CANONICAL_COLUMNS: tuple[str, ...] = (
+    "case_id", "patient_id", "sex", "birth_date", "indication", "site", "disease_onset",
+    "prior_treatments", "treatment_start", "frequency", "evaluation_date", "improvement_pct",
+    "score_name", "baseline_score", "followup_score", "adverse_events", "recurrence_after_stop",
+)
+# Keys the mapping code looks up by name (forward, reverse and outcomes).
+NEEDED_PROJECT_SYSTEMS = ("indication", "score", "prior_treatment", "adverse_event")
+NEEDED_SYSTEMS = ("ucum", "data_absent_reason", "timing_abbreviation", "observation_category")
+NEEDED_OBSERVATION_CODES = ("improvement", "recurrence", "response")
+RESPONSE_CATEGORIES = ("complete", "partial", "none", "not_evaluable")
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -125,6 +138,9 @@ class MappingSpec(_Model):
     medication: MedicationSpec
     observations: ObservationsSpec
     systems: dict[str, str]
+    # strptime formats tried in order for dates that are not ISO (e.g. ["%d/%m/%Y", "%m/%Y", "%Y"]);
+    # empty = ISO only. `import --date-format` adds to these.
+    date_formats: tuple[str, ...] = ()
     source: str = ""
     digest: str = ""
 
@@ -132,6 +148,26 @@ class MappingSpec(_Model):
     def _check_systems(self) -> "MappingSpec":
         for where, code in self._all_codes():
             self.system_uri(code.system, where=where)
+        return self
+
+    @model_validator(mode="after")
+    def _check_needed_keys(self) -> "MappingSpec":
+        """Refuse at load what the code would otherwise read as empty or fail on mid-run."""
+        missing = [f"columns.{c}" for c in CANONICAL_COLUMNS if c not in self.columns]
+        missing += [f"project_systems.{k}" for k in NEEDED_PROJECT_SYSTEMS if k not in self.project_systems]
+        missing += [f"systems.{k}" for k in NEEDED_SYSTEMS if k not in self.systems]
+        missing += [f"observations.{k}.code" for k in NEEDED_OBSERVATION_CODES
+                    if getattr(self.observations, k).code is None]
+        missing += [f"observations.response.categories.{k}" for k in RESPONSE_CATEGORIES
+                    if k not in self.observations.response.categories]
+        if not self.medication.frequencies:
+            missing.append("medication.frequencies")
+        if missing:
+            raise ValueError(f"missing key(s) the mapping code needs: {', '.join(missing)} "
+                             "(copy them from the shipped mappings/default.yaml)")
+        for fmt in self.date_formats:
+            if "%" not in fmt:
+                raise ValueError(f"date_formats: {fmt!r} is not a strptime format (e.g. %d/%m/%Y)")
         return self
 
     def _all_codes(self) -> list[tuple[str, CodeSpec]]:
