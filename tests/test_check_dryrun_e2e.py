@@ -215,7 +215,7 @@ def test_push_report_json(fhir_server: TestFhirServer, state: Path, tmp_path: Pa
     doc = json.loads(text)
     assert doc["server"] == fhir_server.base_url
     counts = doc["counts"]
-    assert counts["created"] == counts["total"] == sum(EXAMPLE_TOTAL.values())
+    assert counts["created"] + counts["updated"] == counts["total"] == sum(EXAMPLE_TOTAL.values())
     assert counts["rejected"] == 0 and counts["unchanged"] == 0
     sha = hashlib.sha256(EXAMPLE_CSV.read_bytes()).hexdigest()
     assert any(i.get("sha256") == sha for i in doc["inputs"]), doc["inputs"]

@@ -30,6 +30,9 @@ export function defaultConfig() {
     // EHR-like: client-assigned ids refused (HAPI's ClientIdStrategy NOT_ALLOWED, Epic): a PUT
     // that would create Type/id -> 404 as HAPI answers; the statement says updateCreate false
     no_client_ids: false,
+    // false: batch/transaction-response entries carry only `response` (no `resource`), as servers
+    // that answer with status + location only; the written version is then in no reply at all
+    bundle_entry_resource: true,
     // Auth
     require_token: null, // static bearer token accepted on /fhir
     basic_auth: null, // {"user": ..., "password": ...}
@@ -60,6 +63,7 @@ const TYPES = {
   validate: 'boolean',
   referential_integrity: 'boolean',
   keep_noop_updates: 'boolean',
+  bundle_entry_resource: 'boolean',
   version_ids: ['uuid', 'serial'],
   adverse_event_identifier: 'boolean',
   medplum_transaction_limits: 'boolean',

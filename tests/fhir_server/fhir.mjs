@@ -10,6 +10,7 @@ import {
   indexSearchParameter,
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
+  isCreated,
   isOk,
   isResourceType,
   normalizeOperationOutcome,
@@ -65,20 +66,6 @@ export function outcome(status, code, text, expression) {
   const issue = { severity: 'error', code, diagnostics: text, details: { text } };
   if (expression) issue.expression = Array.isArray(expression) ? expression : [expression];
   return { status, body: { resourceType: 'OperationOutcome', issue: [issue] } };
-}
-
-/**
- * Copies an OperationOutcome and makes sure every issue has `diagnostics` (Medplum only fills
- * `details.text`).  Medplum's outcomes are shared constants, so never mutate them.
- * @param {object} oo - The OperationOutcome.
- * @returns {object} A fixed copy.
- */
-export function fixOutcome(oo) {
-  const copy = deepClone(oo);
-  for (const issue of copy.issue ?? []) {
-    if (!issue.diagnostics && issue.details?.text) issue.diagnostics = issue.details.text;
-  }
-  return copy;
 }
 
 function canonical(value) {
@@ -138,14 +125,12 @@ export class FrontRepository extends MemoryRepository {
     super();
     this.getConfig = getConfig;
     this.entriesWritten = 0;
-    this.createdKeys = new Set(); // "Type/id/vid" written as a creation during the current request
     this.deferred = undefined; // during a transaction: referential-integrity checks run at the end
   }
 
   reset() {
     this.clear();
     this.entriesWritten = 0;
-    this.createdKeys.clear();
   }
 
   snapshot() {
@@ -284,7 +269,6 @@ export class FrontRepository extends MemoryRepository {
       result = await super.createResource(input, options, update);
     }
     this.entriesWritten++;
-    if (!existing) this.createdKeys.add(`${type}/${result.id}/${result.meta.versionId}`);
     return result;
   }
 
@@ -326,6 +310,7 @@ const RESULT_PARAMS = new Set([
 ]);
 // Search parameter types MemoryRepository can match (number, quantity, composite, special cannot).
 const MATCHABLE_TYPES = new Set(['token', 'reference', 'string', 'uri', 'date']);
+const WRITE_KINDS = new Set(['create', 'update', 'conditional-update', 'patch', 'conditional-patch']);
 const INTERACTIONS = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'create', 'search-type'];
 
 /**
@@ -513,29 +498,26 @@ export class FhirEngine {
       body = parsed.value;
     }
     const url = segs.join('/') + (r.rawQuery ? `?${r.rawQuery}` : '');
-    this.repo.createdKeys.clear();
     const [oc, resource] = await this.router.handleRequest(
       { method, url, pathname: '', query: {}, params: {}, body, headers: hdrs, config: { transactions: true } },
       this.repo
     );
-    let status = getStatus(oc);
+    const status = getStatus(oc);
     if (!isOk(oc)) {
       if (status === 404 && kind === 'read' && this.repo.wasDeleted(type, segs[1])) {
         return outcome(410, 'deleted', `${type}/${segs[1]} has been deleted`);
       }
-      return { status, body: fixOutcome(oc) };
+      return { status, body: oc };
     }
-    const out = { status, headers: {}, body: resource ?? fixOutcome(oc) };
-    if (resource?.meta?.versionId && resource.id) {
-      const vid = resource.meta.versionId;
-      out.headers.ETag = `W/"${vid}"`;
-      if (resource.meta.lastUpdated) out.headers['Last-Modified'] = httpDate(resource.meta.lastUpdated);
-      if (['create', 'update', 'conditional-update', 'patch', 'conditional-patch'].includes(kind)) {
-        if (this.repo.createdKeys.has(`${resource.resourceType}/${resource.id}/${vid}`)) out.status = 201;
-        out.headers.Location = `${base}/${resource.resourceType}/${resource.id}/_history/${vid}`;
-        out.body = preferBody(headers, resource, oc);
-      }
-    }
+    // What Medplum's server sends (packages/server/src/fhir/response.ts `sendResponse`): the status
+    // of the router's outcome (200 for an update that created: update-as-create is not `created`),
+    // ETag and Last-Modified from the resource's meta, Location (no `_history`) only when the
+    // outcome is `created`.
+    const out = { status, headers: {}, body: resource ?? oc };
+    if (resource?.meta?.versionId) out.headers.ETag = `W/"${resource.meta.versionId}"`;
+    if (resource?.meta?.lastUpdated) out.headers['Last-Modified'] = httpDate(resource.meta.lastUpdated);
+    if (resource?.id && isCreated(oc)) out.headers.Location = `${base}/${resource.resourceType}/${resource.id}`;
+    if (resource?.id && WRITE_KINDS.has(kind)) out.body = preferBody(headers, resource, oc);
     if (kind === 'history-instance' && resource?.entry) {
       resource.entry = resource.entry.map((e) => ({ fullUrl: `${base}/${e.resource.resourceType}/${e.resource.id}`, ...e }));
     }
@@ -605,7 +587,7 @@ export class FhirEngine {
       { method: 'GET', url: `${type}?${q}`, pathname: '', query: {}, params: {}, body: undefined, headers, config: {} },
       this.repo
     );
-    if (!isOk(oc)) return { status: getStatus(oc), body: fixOutcome(oc) };
+    if (!isOk(oc)) return { status: getStatus(oc), body: oc };
     const total = bundle.total ?? 0;
     const entries = bundle.entry ?? [];
     for (let i = 0; i < entries.length; i++) {
@@ -694,13 +676,12 @@ export class FhirEngine {
     });
 
     keepMedplumLimits = cfg.medplum_transaction_limits;
-    this.repo.createdKeys.clear();
     if (isTx) {
       if (refused.size) {
         const [i, refusal] = [...refused][0];
         if (refusal.status) return refusal; // a refused client id: the whole transaction, as HAPI
         const oc = refusal;
-        return { status: 400, body: fixOutcome({ ...oc, issue: oc.issue.map((x) => ({ ...x, diagnostics: `entry ${i}: ${x.details.text}` })) }) };
+        return { status: 400, body: { ...oc, issue: oc.issue.map((x) => ({ ...x, diagnostics: `entry ${i}: ${x.details.text}` })) } };
       }
       const invalid = cfg.validate ? prevalidate(entries) : [];
       if (invalid.length) {
@@ -725,11 +706,9 @@ export class FhirEngine {
       if (!isOk(oc)) {
         this.repo.restore(snap);
         const status = getStatus(oc);
-        return { status: status < 400 ? 400 : status, body: fixOutcome(oc) };
+        return { status: status < 400 ? 400 : status, body: oc };
       }
-      this.finishEntries(result, entries, base);
-      result.id = randomUUID();
-      return { status: 200, body: result };
+      return { status: 200, body: withoutResources(result, cfg) };
     }
 
     // batch: refused entries are taken out, their errors put back at their index afterwards.
@@ -743,7 +722,7 @@ export class FhirEngine {
         },
         this.repo
       );
-      if (!isOk(oc)) return { status: getStatus(oc), body: fixOutcome(oc) };
+      if (!isOk(oc)) return { status: getStatus(oc), body: oc };
       resultEntries = result.entry ?? [];
     }
     const all = [];
@@ -753,40 +732,21 @@ export class FhirEngine {
         const refusal = refused.get(i);
         all.push(refusal.status
           ? { response: { status: String(refusal.status), outcome: refusal.body } }
-          : { response: { status: '400', outcome: fixOutcome(refusal) } });
+          : { response: { status: '400', outcome: refusal } });
       } else {
         all.push(resultEntries[k++]);
       }
     }
     const out = { resourceType: 'Bundle', id: randomUUID(), type: 'batch-response', entry: all };
-    this.finishEntries(out, entries, base);
-    return { status: 200, body: out };
+    return { status: 200, body: withoutResources(out, cfg) };
   }
 
-  finishEntries(result, requestEntries, base) {
-    const entries = result.entry ?? [];
-    entries.forEach((e, i) => {
-      if (!e) {
-        entries[i] = { response: { status: '500', outcome: fixOutcome(outcome(500, 'exception', 'no result for entry').body) } };
-        return;
-      }
-      const res = e.resource;
-      const rsp = e.response ?? (e.response = { status: '200' });
-      if (rsp.outcome) rsp.outcome = fixOutcome(rsp.outcome);
-      const ok = /^2/.test(String(rsp.status));
-      if (ok && res?.id && res.meta?.versionId && res.resourceType !== 'Bundle') {
-        const vid = res.meta.versionId;
-        const method = requestEntries[i]?.request?.method;
-        entries[i] = { fullUrl: `${base}/${res.resourceType}/${res.id}`, ...e };
-        rsp.etag = `W/"${vid}"`;
-        if (res.meta.lastUpdated) rsp.lastModified = res.meta.lastUpdated;
-        if (method === 'POST' || method === 'PUT' || method === 'PATCH') {
-          rsp.location = `${res.resourceType}/${res.id}/_history/${vid}`;
-          if (method === 'PUT' && this.repo.createdKeys.has(`${res.resourceType}/${res.id}/${vid}`)) rsp.status = '201';
-        }
-      }
-    });
-  }
+}
+
+/** The `bundle_entry_resource: false` switch: response entries keep only `response`. */
+function withoutResources(bundle, cfg) {
+  if (cfg.bundle_entry_resource) return bundle;
+  return { ...bundle, entry: (bundle.entry ?? []).map((e) => (e ? { response: e.response } : e)) };
 }
 
 function missingRefOutcome(missing) {
@@ -883,7 +843,7 @@ function subset(resource, elements) {
 function preferBody(headers, resource, oc) {
   const prefer = String(headers.prefer ?? '');
   if (/return\s*=\s*minimal/i.test(prefer)) return undefined;
-  if (/return\s*=\s*OperationOutcome/i.test(prefer)) return fixOutcome(oc);
+  if (/return\s*=\s*OperationOutcome/i.test(prefer)) return oc;
   return resource;
 }
 

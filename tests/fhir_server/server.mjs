@@ -57,6 +57,7 @@ function resetStats() {
     reads: 0,
     writes: 0,
     entries_written: 0,
+    write_entries_received: 0,
     faults_injected: zeroFaults(),
     faults_injected_reads: zeroFaults(),
     tokens_issued: 0,
@@ -118,6 +119,19 @@ function send(res, { status, headers = {}, body, raw }) {
   res.writeHead(status, h);
   res.end(payload);
   stats.by_status[status] = (stats.by_status[status] ?? 0) + 1;
+}
+
+const WRITE_METHODS = new Set(['POST', 'PUT', 'PATCH', 'DELETE']);
+
+/** Write entries a request carries (what a client sent, landed or not): 1, or a Bundle's writes. */
+function writeEntries(segs, bodyText) {
+  if (segs.length > 0) return 1;
+  try {
+    const bundle = JSON.parse(bodyText);
+    return (bundle?.entry ?? []).filter((e) => WRITE_METHODS.has(String(e?.request?.method ?? '').toUpperCase())).length;
+  } catch {
+    return 0;
+  }
 }
 
 function authRequired() {
@@ -273,8 +287,12 @@ async function handle(req, res) {
   const segs = path.slice('/fhir'.length).split('/').filter(Boolean);
   const isSearchPost = method === 'POST' && segs.length === 2 && segs[1] === '_search';
   const countAsWrite = isWrite && !isSearchPost;
-  if (countAsWrite) stats.writes++;
-  else stats.reads++;
+  if (countAsWrite) {
+    stats.writes++;
+    stats.write_entries_received += writeEntries(segs, bodyText);
+  } else {
+    stats.reads++;
+  }
   const fault = pickFault(countAsWrite ? 'writes' : 'reads');
   if (fault) {
     (countAsWrite ? stats.faults_injected : stats.faults_injected_reads)[fault]++;

@@ -1,8 +1,10 @@
 """The push ledger: what was pushed where, so unchanged data is not written again.
 
 A cache, never the truth: a resource is skipped only when its content hash is unchanged
-AND the server still shows the versionId we recorded (checked in batched reads), so a
-server that was reset or edited behind our back gets everything it lacks.
+AND the server still shows the versionId and meta.lastUpdated we recorded (checked in
+batched reads), so a server that was reset or edited behind our back gets everything it
+lacks. Both, because serial version ids ("1", "2", ... as HAPI counts) repeat after a reset:
+a reset server that someone else refilled shows version "1" again, but not our lastUpdated.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import platformdirs
@@ -45,6 +47,14 @@ def server_key(base_url: str) -> str:
     return base_url.rstrip("/")
 
 
+class Pushed(NamedTuple):
+    """What the ledger knows of one resource on one server."""
+
+    hash: str
+    version_id: str | None
+    last_updated: str | None  # the server's meta.lastUpdated of that version, as it wrote it
+
+
 class Ledger:
     """sqlite (stdlib) table keyed by (server base URL, Type/id)."""
 
@@ -58,30 +68,33 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS pushed (server TEXT NOT NULL, key TEXT NOT NULL, "
-            "hash TEXT NOT NULL, version_id TEXT, PRIMARY KEY (server, key))"
+            "hash TEXT NOT NULL, version_id TEXT, last_updated TEXT, PRIMARY KEY (server, key))"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pushed)")}
+        if "last_updated" not in columns:  # a ledger from an older version: its rows never skip
+            self._db.execute("ALTER TABLE pushed ADD COLUMN last_updated TEXT")
         self._db.commit()
 
-    def lookup(self, server: str, keys: Iterable[str]) -> dict[str, tuple[str, str | None]]:
-        """{Type/id: (hash, versionId)} for the keys the ledger knows."""
-        out: dict[str, tuple[str, str | None]] = {}
+    def lookup(self, server: str, keys: Iterable[str]) -> dict[str, Pushed]:
+        """{Type/id: Pushed(hash, versionId, lastUpdated)} for the keys the ledger knows."""
+        out: dict[str, Pushed] = {}
         key_list = list(keys)
         for i in range(0, len(key_list), 500):
             part = key_list[i:i + 500]
             marks = ",".join("?" * len(part))
             rows = self._db.execute(
-                f"SELECT key, hash, version_id FROM pushed WHERE server = ? AND key IN ({marks})",
+                f"SELECT key, hash, version_id, last_updated FROM pushed WHERE server = ? AND key IN ({marks})",
                 [server_key(server), *part],
             )
-            for key, digest, version in rows:
-                out[key] = (digest, version)
+            for key, digest, version, last_updated in rows:
+                out[key] = Pushed(digest, version, last_updated)
         return out
 
-    def record(self, server: str, items: Iterable[tuple[str, str, str | None]]) -> None:
-        """Store (Type/id, hash, versionId) after the server confirmed the write."""
+    def record(self, server: str, items: Iterable[tuple[str, Pushed]]) -> None:
+        """Store (Type/id, Pushed) after the server confirmed the write (one commit)."""
         self._db.executemany(
-            "INSERT OR REPLACE INTO pushed (server, key, hash, version_id) VALUES (?, ?, ?, ?)",
-            [(server_key(server), k, h, v) for k, h, v in items],
+            "INSERT OR REPLACE INTO pushed (server, key, hash, version_id, last_updated) VALUES (?, ?, ?, ?, ?)",
+            [(server_key(server), k, p.hash, p.version_id, p.last_updated) for k, p in items],
         )
         self._db.commit()
 

@@ -24,7 +24,8 @@ from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError, Tem
 from ruxo_fhir.fhir_version import FhirVersion, server_compatibility
 from ruxo_fhir.mapping.reverse import identifier_value, identifiers
 from ruxo_fhir.mapping.spec import MappingSpec
-from ruxo_fhir.sync.ledger import Ledger, content_hash
+from ruxo_fhir.sync.ledger import Ledger, Pushed, content_hash
+from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
 
 log = logging.getLogger("ruxo_fhir.sync")
 LEDGER_WINDOW = 1000  # entries whose server versions are checked together on a re-push
@@ -73,6 +74,7 @@ class PushResult:
     mode: str = "transaction"
     batch_size: int = 0
     bundles_sent: int = 0
+    version_reads: int = 0  # batched reads after writes whose replies named no version
     notices: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     by_type: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
@@ -250,21 +252,12 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 # --- the pusher -------------------------------------------------------------------------
 
-def _status_code(status: str | None) -> int:
-    try:
-        return int(str(status).split()[0])
-    except (ValueError, IndexError):
-        return 0
-
-
-def _version_of(response: dict[str, Any]) -> str | None:
-    etag = response.get("etag")
-    if etag:
-        return str(etag).removeprefix("W/").strip('"')
-    location = str(response.get("location") or "")
-    if "/_history/" in location:
-        return location.rsplit("/_history/", 1)[1].strip("/")
-    return None
+def _by_type(keys: Iterable[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        kind, rid = key.split("/", 1)
+        out[kind].append(rid)
+    return out
 
 
 def _outcome_lines(outcome: dict[str, Any] | None) -> list[str]:
@@ -352,27 +345,51 @@ class Pusher:
         return f"{res['resourceType']}/{res['id']}"
 
     def _unchanged(self, hashes: dict[str, str]) -> set[str]:
-        """Keys whose hash matches the ledger AND whose versionId the server still shows."""
+        """Keys whose hash matches the ledger AND whose server copy is still the one this ledger
+        wrote: same versionId and same meta.lastUpdated (serial versionIds repeat after a reset)."""
         if self.ledger is None:
             return set()
         known = self.ledger.lookup(self.client.base_url, hashes)
-        candidates = {k: v for k, (h, v) in known.items() if h == hashes[k] and v}
+        candidates = {k: p for k, p in known.items() if p.hash == hashes[k] and p.version_id and p.last_updated}
         if not candidates:
             return set()
-        by_type: dict[str, list[str]] = defaultdict(list)
-        for key in candidates:
-            kind, rid = key.split("/", 1)
-            by_type[kind].append(rid)
         same: set[str] = set()
-        for kind, ids in by_type.items():
+        for key, found in self._read_current(candidates, elements="id,meta"):
+            meta = found.get("meta") or {}
+            mine = candidates[key]
+            if mine.version_id == str(meta.get("versionId")) and same_instant(mine.last_updated,
+                                                                                meta.get("lastUpdated")):
+                same.add(key)
+        return same
+
+    def _read_current(self, keys: Iterable[str], elements: str | None = None) -> Iterator[tuple[str, Resource]]:
+        """The server's current copies of `keys`, by `_id` searches of up to 100 ids per type."""
+        for kind, ids in _by_type(keys).items():
             for i in range(0, len(ids), 100):
                 part = ids[i:i + 100]
-                params = {"_id": ",".join(part), "_elements": "id,meta", "_count": str(len(part))}
+                params = {"_id": ",".join(part), "_count": str(len(part))}
+                if elements:
+                    params["_elements"] = elements
                 for found in self.client.search(kind, params):
-                    key = f"{kind}/{found.get('id')}"
-                    if candidates.get(key) == str(found.get("meta", {}).get("versionId")):
-                        same.add(key)
-        return same
+                    if found.get("resourceType") == kind:
+                        yield f"{kind}/{found.get('id')}", found
+
+    def _read_versions(self, keys: list[str], hashes: dict[str, str]) -> list[tuple[str, Pushed]]:
+        """The versions of just-written resources whose replies named none: ONE batched read.
+
+        A copy is recorded only when its content is what we sent, so a write by someone else
+        between our write and this read can never be mistaken for ours.
+        """
+        self.result.version_reads += 1
+        rows = []
+        for key, found in self._read_current(keys):
+            meta = found.get("meta") or {}
+            version, last_updated = meta.get("versionId"), meta.get("lastUpdated")
+            if version and last_updated and content_hash(found) == hashes.get(key):
+                rows.append((key, Pushed(hashes[key], str(version), str(last_updated))))
+            else:
+                log.debug("push: %s read back without a usable version or with other content", key)
+        return rows
 
     def _send(self, groups: list[Group], hashes: dict[str, str]) -> None:
         if self.result.mode == "batch":
@@ -431,7 +448,7 @@ class Pusher:
         entries = response.get("entry", [])
         if len(entries) != len(resources):
             raise ServerError(f"transaction-response has {len(entries)} entries for {len(resources)} sent")
-        self._record(resources, [e.get("response", {}) for e in entries], hashes)
+        self._record(resources, entries, hashes)
         log.info("push: transaction of %d entries landed", len(resources))
 
     def _send_batch(self, groups: list[Group], hashes: dict[str, str]) -> None:
@@ -469,34 +486,44 @@ class Pusher:
             entries = response.get("entry", [])
             if len(entries) != len(part):
                 raise ServerError(f"batch-response has {len(entries)} entries for {len(part)} sent")
-            ok_res, ok_resp = [], []
+            ok_res, ok_entries = [], []
             for res, entry in zip(part, entries):
                 resp = entry.get("response", {})
-                status = _status_code(resp.get("status"))
+                status = status_code(resp.get("status"))
                 if 200 <= status < 300:
                     ok_res.append(res)
-                    ok_resp.append(resp)
+                    ok_entries.append(entry)
                 elif (status in (408, 429) or status >= 500) and not last:
                     retry.append(res)
                 else:
                     lines = _outcome_lines(resp.get("outcome")) or [f"HTTP {status or '?'}"]
                     self._reject(res, case_of_key.get(self._key(res)), lines, status)
-            self._record(ok_res, ok_resp, hashes)
+            self._record(ok_res, ok_entries, hashes)
         return retry
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def _record(self, resources: list[Resource], responses: list[dict[str, Any]], hashes: dict[str, str]) -> None:
-        ledger_rows = []
-        for res, resp in zip(resources, responses):
-            status = _status_code(resp.get("status"))
-            if not 200 <= status < 300:
-                raise ServerError(f"transaction entry for {self._key(res)} answered {resp.get('status')!r}")
-            outcome = "created" if status == 201 else "updated"
-            self.result.count(res["resourceType"], outcome)
+    def _record(self, resources: list[Resource], entries: list[dict[str, Any]], hashes: dict[str, str]) -> None:
+        """Count each write as the server reported it (201 / outcome, never assumed) and store the
+        version it made: from `etag`, a `_history` location or entry.resource.meta, whichever
+        the server gives; the rest from one batched read."""
+        ledger_rows: list[tuple[str, Pushed]] = []
+        unknown: list[str] = []
+        for res, entry in zip(resources, entries):
+            reply = entry_reply(entry if isinstance(entry, dict) else {})
+            if not reply.ok:
+                raise ServerError(f"transaction entry for {self._key(res)} answered "
+                                  f"{(entry.get('response') or {}).get('status')!r}")
+            self.result.count(res["resourceType"], reply.outcome)
             key = self._key(res)
-            ledger_rows.append((key, hashes[key], _version_of(resp)))
-        if self.ledger is not None and ledger_rows:
-            self.ledger.record(self.client.base_url, ledger_rows)
+            if reply.versioned:
+                ledger_rows.append((key, Pushed(hashes[key], reply.version_id, reply.last_updated)))
+            else:
+                unknown.append(key)
+        if self.ledger is not None:
+            if unknown:
+                ledger_rows += self._read_versions(unknown, hashes)
+            if ledger_rows:
+                self.ledger.record(self.client.base_url, ledger_rows)
         self.on_progress(len(resources))
 
     def _where(self, case_id: str | None) -> str:

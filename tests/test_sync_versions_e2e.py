@@ -1,0 +1,102 @@
+"""The push ledger against real replies: versions learned from whatever the server gives (or one
+read), skips only when the server copy is the one this ledger wrote.
+
+Runs the CLI against the real engine (tests/fhir_server); what was sent and what the server holds
+are read from its admin API (`write_entries_received`, `/$admin/count`), not from our code.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from fhirserver import TestFhirServer
+from test_sync_e2e import (
+    EXAMPLE_CSV,
+    FHIR_JSON,
+    PUT_CREATE_COUNTED_AS,
+    bundle_resources,
+    cli,
+    import_bundle,
+    server_count,
+    type_counts,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def example_bundle(tmp_path: Path, state: Path) -> Path:
+    return import_bundle(EXAMPLE_CSV, tmp_path / "example.json", state)
+
+
+def test_replies_without_versions_one_read_then_repush_writes_nothing(
+    fhir_server: TestFhirServer, example_bundle: Path, state: Path
+) -> None:
+    """A server whose bundle replies name no version (status + location only): the ledger
+    learns the versions from one batched read after the write, and a re-push writes nothing."""
+    resources = bundle_resources(example_bundle)
+    want = type_counts(resources)
+    fhir_server.configure(bundle_entry_resource=False)
+    first = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
+    assert first.exit_code == 0, first
+    assert first.summary()[PUT_CREATE_COUNTED_AS] == len(resources), first
+    stats = fhir_server.stats()
+    assert stats["write_entries_received"] == len(resources)
+    # the read after the write: one `_id` search per written type (each < 100 resources), no more
+    assert stats["reads"] == len(want), stats
+
+    second = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
+    assert second.exit_code == 0, second
+    s = second.summary()
+    assert s["unchanged"] == s["total"] == len(resources), second
+    assert fhir_server.stats()["write_entries_received"] == len(resources), "the re-push sent write entries"
+    assert server_count(fhir_server) == want
+
+
+def _put(server: TestFhirServer, resource: dict[str, Any]) -> None:
+    r = requests.put(f"{server.base_url}/{resource['resourceType']}/{resource['id']}", data=json.dumps(resource),
+                     headers={"Content-Type": FHIR_JSON}, timeout=30)
+    assert r.status_code in (200, 201), r.text
+
+
+def test_reset_server_refilled_by_another_writer_is_not_unchanged(
+    fhir_server: TestFhirServer, example_bundle: Path, state: Path
+) -> None:
+    """Serial version ids (as HAPI counts) repeat after a reset: the refilled server shows version
+    "1" again for every resource. Only lastUpdated tells it is not the copy this ledger wrote."""
+    resources = bundle_resources(example_bundle)
+    fhir_server.configure(version_ids="serial")
+    first = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
+    assert first.exit_code == 0, first
+
+    fhir_server.reset()
+    fhir_server.configure(version_ids="serial")
+    time.sleep(0.01)  # another writer, later: same ids, versionId "1" again
+    patient = next(r for r in resources if r["resourceType"] == "Patient")
+    theirs = {**patient, "gender": "unknown" if patient.get("gender") != "unknown" else "other"}
+    for res in resources:
+        _put(fhir_server, theirs if res is patient else res)
+    on_server = requests.get(f"{fhir_server.base_url}/Patient/{patient['id']}", timeout=30).json()
+    assert on_server["meta"]["versionId"] == "1" and on_server["gender"] == theirs["gender"]
+    received = fhir_server.stats()["write_entries_received"]
+
+    again = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
+    assert again.exit_code == 0, again
+    s = again.summary()
+    assert s["unchanged"] == 0 and s["total"] == len(resources), again
+    assert fhir_server.stats()["write_entries_received"] == received + len(resources)
+    on_server = requests.get(f"{fhir_server.base_url}/Patient/{patient['id']}", timeout=30).json()
+    assert on_server["gender"] == patient["gender"], "the other writer's copy was reported unchanged"
+
+    third = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
+    assert third.summary()["unchanged"] == len(resources), third  # now the copies are ours again
