@@ -47,6 +47,21 @@ def dumps(obj: Any, *, pretty: bool = False) -> bytes:
 
 # --- reading ----------------------------------------------------------------------------
 
+SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".xlsb", ".ods", ".numbers")
+
+
+def refuse_spreadsheet(path: Path) -> None:
+    """A workbook handed to a command that reads FHIR: say how to get FHIR from it."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        return  # _load_json says why it cannot be read
+    if path.suffix.lower() in SPREADSHEET_SUFFIXES or magic in (b"PK\x03\x04", b"\xd0\xcf\x11\xe0"):
+        raise InputError(f"a spreadsheet, not FHIR JSON: import it first "
+                         f"(ruxo-fhir import {path.name} -o bundle.json), then use the bundle", file=str(path))
+
+
 def _load_json(path: Path) -> Any:
     try:
         return orjson.loads(path.read_bytes())
@@ -93,6 +108,7 @@ def iter_resources(path: str | Path) -> Iterator[Resource]:
     if p.suffix == ".ndjson":
         yield from _iter_ndjson_file(p)
         return
+    refuse_spreadsheet(p)
     data = _load_json(p)
     if not isinstance(data, dict) or "resourceType" not in data:
         raise InputError("not a FHIR resource or Bundle (no resourceType)", file=str(p))

@@ -132,6 +132,13 @@ strict_option = click.option("--strict", is_flag=True,
                              help="Treat warnings as errors: exit 1 when there was any warning.")
 
 
+def _check_date_formats(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for fmt in value:
+        if "%" not in fmt:
+            raise click.BadParameter(f"{fmt!r} is not a strptime format (e.g. %d/%m/%Y, %m/%Y)")
+    return value
+
+
 def exit_strict(strict: bool, warnings: int) -> None:
     """With --strict a run that warned ends with exit 1 (its output is still written)."""
     if strict and warnings:
@@ -153,22 +160,29 @@ def exit_strict(strict: bool, warnings: int) -> None:
               help="Write a JSON run report (counts, inputs with sha256, versions).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes for mapping and validation (same output, byte for byte).")
+@click.option("--sheet", default=None, help="With an .xlsx CASES: the sheet to read (default: the first).")
+@click.option("--date-format", "date_formats", multiple=True, callback=_check_date_formats, metavar="FMT",
+              help="strptime format for dates that are not ISO, e.g. %d/%m/%Y (repeatable, tried in order "
+                   "before the mapping's date_formats). Never guessed: without one, a reject names the format.")
 @strict_option
 @click.pass_obj
 @handles_errors
 def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: Path | None,
                fhir_version: str, rejects: Path | None, report_path: Path | None, jobs: int,
-               strict: bool) -> None:
-    """Map a case-record CSV to validated FHIR resources.
+               sheet: str | None, date_formats: tuple[str, ...], strict: bool) -> None:
+    """Map a case-record CSV or .xlsx workbook to validated FHIR resources.
 
     Delimiter (, ; tab) and encoding (UTF-8 with or without BOM, Windows-1252, UTF-16 with
-    BOM) are detected. Bad rows go to the rejects file; the rest is written. Exit 0 when
-    every row was accepted, 1 when some were rejected, 3 when the file is unusable.
+    BOM) are detected; an .xlsx sheet is read directly (date cells as dates, numbers as
+    numbers). Bad rows go to the rejects file; the rest is written. Exit 0 when every row was
+    accepted, 1 when some were rejected, 3 when the file is unusable.
 
     \b
     Example:
       ruxo-fhir import examples/cases.csv -o /tmp/bundle.json
       ruxo-fhir import cases.csv -o out/ --format ndjson --fhir-version R5
+      ruxo-fhir import export-fr.csv -o b.json --date-format %d/%m/%Y --date-format %m/%Y
+      ruxo-fhir import cases.xlsx --sheet Cas -o b.json
     """
     from ruxo_fhir.importer import import_cases
     from ruxo_fhir.runreport import RunReport
@@ -179,7 +193,7 @@ def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: P
     run.set_mapping(mapping)
     try:
         result = import_cases(cases, output, mapping=mapping, fmt=fmt, version=as_version(fhir_version),
-                              rejects_path=rejects, jobs=jobs)
+                              rejects_path=rejects, jobs=jobs, sheet=sheet, date_formats=date_formats)
     except RuxoError as exc:
         run.fail(exc)
         run.write(report_path)
@@ -241,11 +255,15 @@ def validate_cmd(obj: Ctx, /, file: Path, fhir_version: str, mapping_path: Path 
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Case CSV to write (UTF-8, comma; --excel: BOM and ';').")
-@click.option("--excel", is_flag=True, help="Add a UTF-8 BOM and use ';' for spreadsheet users.")
+@click.option("--excel", is_flag=True,
+              help="For spreadsheet users: a UTF-8 BOM, ';' between fields and decimal commas (45,5).")
+@click.option("--decimal", type=click.Choice(["comma", "point"]), default=None,
+              help="Decimal separator of numbers (default: comma with --excel, point otherwise).")
 @mapping_option
 @click.pass_obj
 @handles_errors
-def export_cmd(obj: Ctx, /, file: Path, output: Path, excel: bool, mapping_path: Path | None) -> None:
+def export_cmd(obj: Ctx, /, file: Path, output: Path, excel: bool, decimal: str | None,
+               mapping_path: Path | None) -> None:
     """Turn a Bundle (any type) or an ndjson folder back into the canonical case CSV.
 
     Resources that are not part of a case (other people's patients and observations on a
@@ -258,7 +276,7 @@ def export_cmd(obj: Ctx, /, file: Path, output: Path, excel: bool, mapping_path:
     """
     from ruxo_fhir.exporter import export_cases
 
-    result = export_cases(file, output, mapping=get_mapping(mapping_path), excel=excel)
+    result = export_cases(file, output, mapping=get_mapping(mapping_path), excel=excel, decimal=decimal)
     for line in result.warnings:
         say(f"warning: {line}", obj)
     click.echo(f"wrote {result.rows} case rows to {output}", err=True)
@@ -338,7 +356,7 @@ class Progress:
 def _push_source(path: Path, mapping: MappingSpec, version: FhirVersion,
                  case_rows: dict[str, int]) -> tuple[Any, list[Any]]:
     """Resources to push: a case CSV is mapped on the fly (rows remembered for errors)."""
-    from ruxo_fhir.bundle import iter_push_resources
+    from ruxo_fhir.bundle import iter_push_resources, refuse_spreadsheet
     from ruxo_fhir.importer import case_resources
     from ruxo_fhir.records import CaseReader, Reject
 
@@ -349,6 +367,8 @@ def _push_source(path: Path, mapping: MappingSpec, version: FhirVersion,
             case_rows[record.case_id] = record.row or 0
             out.extend(resources)
         return out, rejects
+    if path.is_file():
+        refuse_spreadsheet(path)  # before any request: a workbook must be imported first
     return iter_push_resources(path), []  # streamed: ndjson folders are never loaded whole
 
 

@@ -30,29 +30,49 @@ def read_cases(source: str | Path, mapping: MappingSpec) -> tuple[list[CaseRecor
         return list(assembler.records()), assembler
 
 
-def render_csv(records: Iterable[CaseRecord], *, excel: bool = False) -> bytes:
+NUMBER_COLUMNS = ("improvement_pct", "baseline_score", "followup_score")
+
+
+def decimal_comma(excel: bool, decimal: str | None) -> bool:
+    """`;` files are for spreadsheets whose locale reads `45,5`: decimal comma unless told otherwise."""
+    if decimal is None:
+        return excel
+    if decimal not in ("comma", "point"):
+        raise ValueError(f"decimal must be 'comma' or 'point', not {decimal!r}")
+    return decimal == "comma"
+
+
+def render_csv(records: Iterable[CaseRecord], *, excel: bool = False, decimal: str | None = None) -> bytes:
     """Canonical CSV as bytes (for small outputs; `write_csv` streams)."""
     buf = io.BytesIO()
-    write_csv(records, buf, excel=excel)
+    write_csv(records, buf, excel=excel, decimal=decimal)
     return buf.getvalue()
 
 
-def write_csv(records: Iterable[CaseRecord], out: IO[bytes], *, excel: bool = False) -> int:
-    """Canonical CSV: UTF-8 without BOM and commas; `excel` adds a BOM and uses `;`."""
+def write_csv(records: Iterable[CaseRecord], out: IO[bytes], *, excel: bool = False,
+              decimal: str | None = None) -> int:
+    """Canonical CSV: UTF-8 without BOM and commas; `excel` adds a BOM, uses `;` and decimal
+    commas (so a French spreadsheet reads 45,5 as a number, not text); `decimal` overrides."""
+    comma = decimal_comma(excel, decimal)
     text = io.TextIOWrapper(out, encoding="utf-8-sig" if excel else "utf-8", newline="", write_through=True)
     writer = csv.DictWriter(text, fieldnames=CANONICAL_COLUMNS, delimiter=";" if excel else ",",
                             lineterminator="\r\n" if excel else "\n")
     writer.writeheader()
     n = 0
     for record in records:
-        writer.writerow(record.to_row())
+        row = record.to_row()
+        if comma:
+            for column in NUMBER_COLUMNS:
+                row[column] = row[column].replace(".", ",")
+        writer.writerow(row)
         n += 1
     text.flush()
     text.detach()
     return n
 
 
-def export_cases(source: str | Path, output: str | Path, *, mapping: MappingSpec, excel: bool = False) -> ExportResult:
+def export_cases(source: str | Path, output: str | Path, *, mapping: MappingSpec, excel: bool = False,
+                 decimal: str | None = None) -> ExportResult:
     """Stream a FHIR source to the canonical CSV: resources wait in a temporary sqlite file,
     rows are written as they are assembled, the output appears atomically at the end."""
     out = Path(output)
@@ -61,7 +81,7 @@ def export_cases(source: str | Path, output: str | Path, *, mapping: MappingSpec
     try:
         with CaseAssembler(mapping) as assembler, os.fdopen(fd, "wb") as fh:
             assembler.add_all(iter_resources(source))
-            rows = write_csv(assembler.records(), fh, excel=excel)
+            rows = write_csv(assembler.records(), fh, excel=excel, decimal=decimal)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -303,15 +303,19 @@ def import_cases(
     rejects_path: str | Path | None = None,
     on_accepted: Callable[[Accepted | CaseRecord], None] | None = None,
     jobs: int = 1,
+    sheet: str | None = None,
+    date_formats: tuple[str, ...] = (),
 ) -> ImportResult:
-    """Read a case CSV, map and validate every case, write the output and the rejects file.
+    """Read a case CSV or .xlsx sheet, map and validate every case, write the output and the rejects file.
 
     File-level problems raise InputError before anything is written; row problems go to the
     rejects file and never stop the run. `jobs > 1` maps and validates in that many worker
-    processes (same output, byte for byte).
+    processes (same output, byte for byte). `date_formats` are tried (in order) before the
+    mapping's own `date_formats`, for dates that are not ISO.
     """
     src, out = Path(source), Path(output)
-    reader = CaseReader(src, mapping)  # raises InputError for unusable files, nothing written yet
+    mapping = mapping.with_date_formats(date_formats)
+    reader = CaseReader(src, mapping, sheet=sheet)  # raises InputError for unusable files, nothing written yet
     rej_path = Path(rejects_path) if rejects_path else default_rejects_path(src, out)
     result = ImportResult(report=reader.report, output=out, rejects_path=rej_path)
     counts = result.resources

@@ -9,7 +9,7 @@ import re
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TextIO
@@ -17,6 +17,7 @@ from typing import TextIO
 from ruxo_fhir.errors import InputError
 from ruxo_fhir.mapping.spec import CANONICAL_COLUMNS as CANONICAL_COLUMNS
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.spreadsheet import is_workbook, refuse_other_workbook, sheet_rows
 
 
 _FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -204,6 +205,70 @@ def _partial_date(column: str, value: str, allow_month: bool, allow_year: bool) 
     raise _RowError(column, f"bad date {value!r} (expected {forms})")
 
 
+# Formats a reject suggests when a date is not ISO and no configured format reads it. They are
+# only ever suggested, never applied: 05/06/2024 is June 5th in Lyon and May 6th in Boston.
+SUGGESTED_DATE_FORMATS = ("%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%m-%Y", "%Y/%m/%d", "%m/%Y", "%Y%m%d",
+                          "%d/%m/%y", "%m/%d/%y")
+
+
+def _precision(fmt: str) -> int:
+    """What a format pins down: 3 = day, 2 = month, 1 = year."""
+    if "%d" in fmt or "%j" in fmt:
+        return 3
+    if "%m" in fmt or "%b" in fmt or "%B" in fmt:
+        return 2
+    return 1
+
+
+def _strptime(value: str, fmt: str, lowest: int) -> str | None:
+    """The ISO text of `value` read with `fmt` (YYYY-MM-DD, YYYY-MM or YYYY as the format says)."""
+    precision = _precision(fmt)
+    if precision < lowest:
+        return None
+    try:
+        parsed = datetime.strptime(value, fmt)
+    except ValueError:
+        return None
+    if precision == 3:
+        return parsed.date().isoformat()
+    return f"{parsed.year:04d}-{parsed.month:02d}" if precision == 2 else f"{parsed.year:04d}"
+
+
+def read_date(column: str, value: str, formats: tuple[str, ...], *, allow_month: bool, allow_year: bool) -> str:
+    """An ISO date from `value`: ISO always, then each configured strptime format in order.
+
+    Nothing is guessed: a value no configured format reads is rejected, and the reject names
+    the format(s) that would read it (both, when they disagree: an ambiguous day/month).
+    """
+    if value[:4].isdigit() and (len(value) <= 4 or value[4] == "-"):
+        return _partial_date(column, value, allow_month, allow_year) if (allow_month or allow_year) \
+            else _full_date(column, value)
+    lowest = 1 if allow_year else 2 if allow_month else 3
+    for fmt in formats:
+        iso = _strptime(value, fmt, lowest)
+        if iso is None:
+            continue
+        if "%y" in fmt and int(iso[:4]) > date.today().year:
+            raise _RowError(column, f"{value!r} read with {fmt} gives the year {iso[:4]}: a two-digit year "
+                                    "is ambiguous (format the column with 4-digit years, %Y)")
+        return iso
+    forms = "YYYY-MM-DD" + (", YYYY-MM" if allow_month else "") + (" or YYYY" if allow_year else "")
+    tried = f"; tried {', '.join(formats)}" if formats else ""
+    readings = {fmt: iso for fmt in SUGGESTED_DATE_FORMATS if fmt not in formats
+                and "%y" not in fmt and (iso := _strptime(value, fmt, lowest)) is not None}
+    if not readings:  # two-digit years only when nothing else reads it, and never into the future
+        this_year = date.today().year
+        readings = {fmt: iso for fmt in SUGGESTED_DATE_FORMATS if fmt not in formats
+                    and (iso := _strptime(value, fmt, lowest)) is not None and int(iso[:4]) <= this_year}
+    hint = ""
+    if len(set(readings.values())) > 1:
+        hint = "; ambiguous, not guessed: " + ", ".join(f"--date-format {f} reads {i}" for f, i in readings.items())
+    elif readings:
+        fmts = " or ".join(readings)
+        hint = f"; --date-format {fmts} would read it as {next(iter(readings.values()))}"
+    raise _RowError(column, f"bad date {value!r} (expected {forms}{tried}){hint}")
+
+
 def _decimal(column: str, value: str) -> Decimal:
     text = value.replace("%", "").replace("\u00a0", "").replace(" ", "")
     if _DECIMAL_COMMA.match(text):
@@ -240,6 +305,11 @@ def _labels(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(";") if part.strip())
 
 
+# (column, month precision allowed, year precision allowed), in the order rejects name them
+_DATE_COLUMNS = (("birth_date", False, True), ("disease_onset", True, True), ("treatment_start", False, False),
+                 ("evaluation_date", False, False))
+
+
 def parse_row(values: dict[str, str], mapping: MappingSpec, row: int) -> CaseRecord:
     """Validate one row's canonical values; raise _RowError naming the column and why."""
     for column in mapping.required_columns:
@@ -252,18 +322,26 @@ def parse_row(values: dict[str, str], mapping: MappingSpec, row: int) -> CaseRec
     if frequency not in mapping.medication.frequencies:
         allowed = " or ".join(mapping.medication.frequencies)
         raise _RowError("frequency", f"unknown frequency {values['frequency']!r} (expected {allowed})")
-    start = _full_date("treatment_start", values["treatment_start"])
-    birth = values.get("birth_date") or None
+    formats = mapping.date_formats
+    dates: dict[str, str | None] = {}
+    bad: list[_RowError] = []
+    for column, allow_month, allow_year in _DATE_COLUMNS:
+        raw = values.get(column) or None
+        try:
+            dates[column] = raw and read_date(column, raw, formats, allow_month=allow_month, allow_year=allow_year)
+        except _RowError as exc:
+            bad.append(exc)
+    if bad:  # every bad date of the row, not only the first
+        raise _RowError(bad[0].column, "; ".join([bad[0].error, *(f"{e.column}: {e.error}" for e in bad[1:])]))
+    start = dates["treatment_start"]
+    assert start is not None  # a required column
+    birth = dates["birth_date"]
     if birth:
-        birth = _partial_date("birth_date", birth, allow_month=False, allow_year=True)
         if birth[:4] > start[:4] or (len(birth) == 10 and birth > start):
             raise _RowError("birth_date", "birth date is after treatment start")
-    onset = values.get("disease_onset") or None
-    if onset:
-        onset = _partial_date("disease_onset", onset, allow_month=True, allow_year=True)
-    evaluation = values.get("evaluation_date") or None
+    onset = dates["disease_onset"]
+    evaluation = dates["evaluation_date"]
     if evaluation:
-        evaluation = _full_date("evaluation_date", evaluation)
         if evaluation < start:
             raise _RowError("evaluation_date", f"evaluation {evaluation} is before treatment start {start}")
     improvement = None
@@ -445,23 +523,37 @@ class Accepted:
 
 
 class CaseReader:
-    """Iterates a case CSV as Accepted/Reject items; file-level problems raise InputError.
+    """Iterates a case CSV (or an .xlsx sheet) as Accepted/Reject items; file-level problems raise InputError.
 
     Opening checks the file (encoding, header, required columns) before anything is
-    yielded, so a caller can refuse to write anything for an unusable file.
+    yielded, so a caller can refuse to write anything for an unusable file. A workbook's
+    cells are turned into the text a CSV export would hold, then read by the same rules.
     """
 
-    def __init__(self, path: str | Path, mapping: MappingSpec) -> None:
+    def __init__(self, path: str | Path, mapping: MappingSpec, *, sheet: str | None = None) -> None:
         self.path = Path(path)
         self.mapping = mapping
+        self.sheet = sheet
         self.report = ReadReport(file=str(self.path))
-        self.report.encoding = detect_encoding(self.path)
+        refuse_other_workbook(self.path)
+        self.workbook = is_workbook(self.path)
+        if self.workbook:
+            self.report.encoding = "xlsx"
+        elif sheet is not None:
+            raise InputError("--sheet applies to .xlsx workbooks only", file=str(self.path))
+        else:
+            self.report.encoding = detect_encoding(self.path)
         self._columns = self._read_header()
 
     def _open(self) -> TextIO:
         return self.path.open("r", encoding=self.report.encoding, newline="")
 
-    def _read_header(self) -> list[str | None]:
+    def _header_fields(self) -> list[str]:
+        if self.workbook:
+            for _line, fields in sheet_rows(self.path, self.sheet):
+                if any(fields):
+                    return fields
+            raise InputError("empty sheet (no header row)", file=str(self.path))
         with self._open() as fh:
             first = ""
             for line in fh:
@@ -471,7 +563,10 @@ class CaseReader:
             if not first:
                 raise InputError("empty file (no header line)", file=str(self.path))
         self.report.delimiter = _sniff_delimiter(first)
-        header = next(csv.reader([first], delimiter=self.report.delimiter))
+        return next(csv.reader([first], delimiter=self.report.delimiter))
+
+    def _read_header(self) -> list[str | None]:
+        header = self._header_fields()
         lookup: dict[str, str] = {}
         for name, col in self.mapping.columns.items():
             lookup[name.lower()] = name
@@ -519,6 +614,32 @@ class CaseReader:
         index = CrossRowIndex()
         fractions = FractionCheck("improvement_pct")
         mapping = self.mapping
+        width = len(self._columns)
+        for start_line, fields in self._data_rows():
+            values = self._values(fields)
+            try:
+                if len(fields) > width and any(f.strip() for f in fields[width:]):
+                    raise _RowError("-", f"row has {len(fields)} fields but the header has {width}")
+                record = parse_row(values, mapping, start_line)
+                index.check(record)
+            except _RowError as exc:
+                self.report.rejected += 1
+                yield Reject(start_line, values, exc.column, exc.error)
+                continue
+            self._label_warnings(record)
+            if record.improvement_pct is not None:
+                fractions.add(record.improvement_pct)
+            self.report.accepted += 1
+            yield Accepted(record, index.add(record))
+        fractions.warn(self.report)
+
+    def _data_rows(self) -> Iterator[tuple[int, list[str]]]:
+        """(source line or sheet row, fields) of every non-blank row after the header."""
+        if self.workbook:
+            rows = (r for r in sheet_rows(self.path, self.sheet) if any(r[1]))
+            next(rows, None)  # the header
+            yield from rows
+            return
         with self._open() as fh:
             # strict: an unterminated quote is an error, not the rest of the file in one field
             reader = csv.reader(fh, delimiter=self.report.delimiter, strict=True)
@@ -533,26 +654,7 @@ class CaseReader:
                     if not header_seen:
                         header_seen = True
                         continue
-                    values = self._values(fields)
-                    try:
-                        if len(fields) > len(self._columns) and any(
-                            f.strip() for f in fields[len(self._columns):]
-                        ):
-                            raise _RowError(
-                                "-", f"row has {len(fields)} fields but the header has {len(self._columns)}"
-                            )
-                        record = parse_row(values, mapping, start_line)
-                        index.check(record)
-                    except _RowError as exc:
-                        self.report.rejected += 1
-                        yield Reject(start_line, values, exc.column, exc.error)
-                        continue
-                    self._label_warnings(record)
-                    if record.improvement_pct is not None:
-                        fractions.add(record.improvement_pct)
-                    self.report.accepted += 1
-                    yield Accepted(record, index.add(record))
-                fractions.warn(self.report)
+                    yield start_line, fields
             except csv.Error as exc:
                 why = "unterminated quote" if "end of data" in str(exc) or "EOF" in str(exc) else str(exc)
                 raise InputError(f"not a readable CSV ({why}; check the quote characters)",

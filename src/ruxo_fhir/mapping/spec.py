@@ -205,6 +205,16 @@ class MappingSpec(_Model):
             return self.systems[name]
         raise ValueError(f"unknown code system {name!r} at {where or '?'}")
 
+    def with_date_formats(self, formats: tuple[str, ...] | list[str]) -> "MappingSpec":
+        """This mapping with `formats` tried first for non-ISO dates (import --date-format)."""
+        if not formats:
+            return self
+        for fmt in formats:
+            if "%" not in fmt:
+                raise MappingError(f"{fmt!r} is not a strptime date format (e.g. %d/%m/%Y)", key="date_formats")
+        merged = tuple(dict.fromkeys((*formats, *self.date_formats)))
+        return self.model_copy(update={"date_formats": merged})
+
     def keeps(self, code: CodeSpec) -> bool:
         """True when the code's confidence reaches `min_confidence` (U codes never do)."""
         return code.confidence != "U" and _RANK[code.confidence] >= _RANK[self.min_confidence]
