@@ -38,6 +38,62 @@ def server_compatibility(version: FhirVersion, server_fhir_version: str) -> str 
     return "refuse"
 
 
+# Elements (and shapes) that exist in one version only, for the resource types ruxo-fhir writes:
+# what lets the DATA say which version it is, whatever a flag claims. From the R4 (4.0.1) and R5
+# (5.0.0) resource definitions; only unambiguous markers are listed.
+_ONLY_IN: dict[FhirVersion, dict[str, tuple[str, ...]]] = {
+    "R4": {
+        "MedicationStatement": ("medicationCodeableConcept", "medicationReference", "reasonCode",
+                                "reasonReference", "statusReason", "basedOn", "context"),
+        "AdverseEvent": ("event", "date", "resultingCondition", "severity", "contributor",
+                         "subjectMedicalHistory", "referenceDocument"),
+        "Condition": ("asserter", "recorder"),
+    },
+    "R5": {
+        "MedicationStatement": ("medication", "reason", "encounter", "adherence",
+                                "relatedClinicalInformation", "renderedDosageInstruction"),
+        "AdverseEvent": ("code", "status", "occurrenceDateTime", "occurrencePeriod", "occurrenceTiming",
+                         "participant", "mitigatingAction", "supportingInfo", "expectedInResearchStudy",
+                         "contributingFactor", "preventiveAction", "resultingEffect"),
+        "Condition": ("participant",),
+        "Observation": ("triggeredBy", "bodyStructure", "instantiatesCanonical", "instantiatesReference"),
+    },
+}
+# MedicationStatement.status value sets do not overlap except entered-in-error.
+_STATUS_ONLY_IN: dict[FhirVersion, frozenset[str]] = {
+    "R4": frozenset({"active", "completed", "intended", "stopped", "on-hold", "unknown", "not-taken"}),
+    "R5": frozenset({"recorded", "draft"}),
+}
+
+
+def data_version(resource: Resource) -> tuple[FhirVersion, str] | None:
+    """(version, evidence) when the resource's shape belongs to one FHIR version only, e.g.
+    ("R5", "MedicationStatement.medication"); None when it fits both (or is a type we do not
+    know). The evidence names an element, never a value of the data."""
+    kind = str(resource.get("resourceType", ""))
+    for version in VERSIONS:
+        for element in _ONLY_IN[version].get(kind, ()):
+            if element in resource:
+                return version, f"{kind}.{element}"
+    if kind == "MedicationStatement":
+        status = resource.get("status")
+        for version in VERSIONS:
+            if status in _STATUS_ONLY_IN[version]:
+                return version, "MedicationStatement.status"
+    if kind == "AdverseEvent" and "identifier" in resource:
+        # R4: identifier 0..1 (an object); R5: 0..* (a list)
+        return ("R5" if isinstance(resource["identifier"], list) else "R4"), "AdverseEvent.identifier"
+    return None
+
+
+def version_of_server(server_fhir_version: str) -> str:
+    """A readable name for a CapabilityStatement.fhirVersion: "4.0.1 (R4)", "4.3.0 (R4B)"."""
+    for name, prefixes in (("R4", ("4.0.",)), ("R4B", ("4.3.",)), ("R5", ("5.0.",))):
+        if server_fhir_version.startswith(prefixes):
+            return f"{server_fhir_version} ({name})"
+    return server_fhir_version
+
+
 def model_class(version: FhirVersion, resource_type: str) -> Any:
     """The fhir.resources pydantic model that validates `resource_type` in `version`."""
     if version == "R4":

@@ -10,7 +10,15 @@ from ruxo_fhir.errors import RuxoError, ServerError
 from ruxo_fhir.fhir_version import FhirVersion
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.sync.ledger import content_hash
-from ruxo_fhir.sync.push import case_of, check_version, server_interactions
+from ruxo_fhir.sync.capabilities import (
+    WRITTEN_TYPES,
+    Capabilities,
+    DataVersionGuard,
+    check_version,
+    preflight_types,
+    server_interactions,
+)
+from ruxo_fhir.sync.push import case_of
 
 Resource = dict[str, Any]
 
@@ -41,12 +49,7 @@ class PushPlan:
 
 
 def _server_ops(caps: dict[str, Any]) -> set[str]:
-    ops: set[str] = set()
-    for rest in caps.get("rest", []):
-        ops |= {str(o.get("name", "")).lstrip("$") for o in rest.get("operation", [])}
-        for res in rest.get("resource", []):
-            ops |= {str(o.get("name", "")).lstrip("$") for o in res.get("operation", [])}
-    return ops
+    return set(Capabilities.read(caps).operations)
 
 
 def plan_push(client: Client, resources: Iterable[Resource], mapping: MappingSpec, version: FhirVersion,
@@ -65,11 +68,14 @@ def plan_push(client: Client, resources: Iterable[Resource], mapping: MappingSpe
     plan.validated_with = "$validate" if can_validate else "local models only (server offers no $validate)"
     rows = case_rows or {}
     buffer: list[Resource] = []
+    declared = Capabilities.read(caps)
+    guard = DataVersionGuard(declared.fhir_version)  # push would refuse: so does its plan
 
     def flush() -> None:
         by_kind: dict[str, list[Resource]] = defaultdict(list)
         for r in buffer:
             by_kind[r["resourceType"]].append(r)
+        preflight_types(declared, by_kind)
         for kind, items in by_kind.items():
             ids = [r["id"] for r in items]
             found = {f.get("id"): f for f in client.search(kind, {"_id": ",".join(ids), "_count": str(len(ids))})}
@@ -87,6 +93,7 @@ def plan_push(client: Client, resources: Iterable[Resource], mapping: MappingSpe
         buffer.clear()
 
     for res in resources:
+        guard.check(res)
         buffer.append(res)
         if len(buffer) >= chunk:
             flush()
@@ -116,7 +123,7 @@ def _validate_remote(client: Client, res: Resource, mapping: MappingSpec, rows: 
 
 # --- check ------------------------------------------------------------------------------
 
-NEEDED_TYPES = ("Patient", "Condition", "MedicationStatement", "Observation")
+NEEDED_TYPES = WRITTEN_TYPES  # every type push writes, AdverseEvent included
 
 
 @dataclass
@@ -162,13 +169,13 @@ def check_server(client: Client, version: FhirVersion, token_info: str | None = 
     out.append(CheckLine("batch", "batch" in interactions, "declared" if "batch" in interactions else "missing",
                          needed="transaction" not in interactions))
     resources = {r.get("type"): r for rest in caps.get("rest", []) for r in rest.get("resource", [])}
+    declared = Capabilities.read(caps)
     for kind in NEEDED_TYPES:
         res = resources.get(kind)
-        if res is None:
-            out.append(CheckLine(kind, False, "resource type not declared"))
+        missing = declared.missing_interactions(kind, ("update", "read", "search-type"))
+        if res is None or missing is None:
+            out.append(CheckLine(kind, False, "resource type not declared (push writes it)"))
             continue
-        codes = {i.get("code") for i in res.get("interaction", [])}
-        missing = [c for c in ("update", "read", "search-type") if c not in codes]
         params = {p.get("name") for p in res.get("searchParam", [])}
         out.append(CheckLine(kind, not missing, "update, read, search" if not missing
                              else f"missing interaction(s): {', '.join(missing)}"))

@@ -21,9 +21,12 @@ from typing import Any, Protocol, TypeVar
 
 from ruxo_fhir.bundle import make_bundle, put_entry
 from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError, TemporaryServerError
-from ruxo_fhir.fhir_version import FhirVersion, server_compatibility
+from ruxo_fhir.fhir_version import FhirVersion
 from ruxo_fhir.mapping.reverse import identifier_value, identifiers
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.sync.capabilities import Capabilities, DataVersionGuard, preflight_types
+from ruxo_fhir.sync.capabilities import check_version as check_version  # re-exported (was defined here)
+from ruxo_fhir.sync.capabilities import server_interactions as server_interactions
 from ruxo_fhir.sync.ledger import Ledger, Pushed, content_hash
 from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
 
@@ -87,34 +90,6 @@ class PushResult:
     def summary_line(self) -> str:
         return (f"created {self.created}, updated {self.updated}, unchanged {self.unchanged}, "
                 f"rejected {self.rejected}, total {self.total}")
-
-
-# --- capabilities -----------------------------------------------------------------------
-
-def server_interactions(capabilities: dict[str, Any]) -> set[str]:
-    """System-level interaction codes declared by a CapabilityStatement (e.g. transaction)."""
-    codes: set[str] = set()
-    for rest in capabilities.get("rest", []):
-        if rest.get("mode", "server") != "server":
-            continue
-        codes |= {i.get("code") for i in rest.get("interaction", []) if i.get("code")}
-    return codes
-
-
-def check_version(capabilities: dict[str, Any], version: FhirVersion) -> str | None:
-    """Refuse a server whose fhirVersion does not match; return a warning for R4B."""
-    server_version = str(capabilities.get("fhirVersion", ""))
-    if not server_version:
-        return "server CapabilityStatement declares no fhirVersion; assuming it matches"
-    verdict = server_compatibility(version, server_version)
-    if verdict == "refuse":
-        raise CapabilityError(
-            f"server speaks FHIR {server_version} but the output version is {version}; "
-            f"use --fhir-version {'R5' if version == 'R4' else 'R4'} or another server"
-        )
-    if verdict == "warn":
-        return f"server speaks FHIR {server_version} (R4B); pushing R4 resources, unchanged in R4B"
-    return None
 
 
 # --- grouping and chunking --------------------------------------------------------------
@@ -282,17 +257,30 @@ class Pusher:
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, resources: Iterable[Resource]) -> PushResult:
-        caps = self.client.capabilities()
-        warning = check_version(caps, self.opt.version)
+        statement = self.client.capabilities()
+        warning = check_version(statement, self.opt.version)
         if warning:
             self._notice(warning)
-        interactions = server_interactions(caps)
+        self.caps = Capabilities.read(statement)
+        self.version_guard = DataVersionGuard(self.caps.fhir_version)
+        self.checked_types: set[str] = set()
+        interactions = set(self.caps.system_interactions)
         if self.opt.mode == "transaction" and interactions and "transaction" not in interactions:
             if "batch" not in interactions:
                 raise CapabilityError("server declares neither transaction nor batch interactions")
             if self.opt.mode_explicit:
                 raise CapabilityError("server does not support transactions; use --mode batch")
             self._switch_to_batch("server declares batch but not transaction")
+        try:
+            self._push_all(resources)
+        except CapabilityError as exc:  # the data or a type this server cannot take: say what landed
+            written = self.result.created + self.result.updated + self.result.unchanged
+            raise CapabilityError(f"{exc.reason}; " + (f"{written} entries were written or confirmed before this, "
+                                  "the rest not" if self.result.bundles_sent else "nothing was written"),
+                                  status=exc.status, issues=exc.issues, url=exc.url) from None
+        return self.result
+
+    def _push_all(self, resources: Iterable[Resource]) -> None:
         # The ledger check reads versions for a window of several chunks at once (fewer,
         # fuller `_id` searches on a re-push); memory stays bounded by the window.
         window: list[list[Group]] = []
@@ -306,14 +294,22 @@ class Pusher:
                 window, hashes = [], {}
         if window:
             self._push_window(window, hashes)
-        return self.result
 
     def _hashed(self, chunks: Iterable[list[Group]]) -> Iterator[tuple[list[Group], dict[str, str]]]:
-        """Content hashes are computed in the prefetch thread, off the sending path."""
+        """Content hashes are computed in the prefetch thread, off the sending path; so is the
+        data's FHIR version check (before the window holding a resource is written)."""
+        check = self.version_guard.check
         for chunk in chunks:
+            for g in chunk:
+                for r in g.resources:
+                    check(r)
             yield chunk, {self._key(r): content_hash(r) for g in chunk for r in g.resources}
 
     def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
+        new_types = {key.split("/", 1)[0] for key in hashes} - self.checked_types
+        if new_types:  # the capability pre-flight, before the first write of each type
+            preflight_types(self.caps, new_types)
+            self.checked_types |= new_types
         unchanged = self._unchanged(hashes)
         for chunk in window:
             self._push_chunk(chunk, hashes, unchanged)
