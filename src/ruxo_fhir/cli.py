@@ -566,14 +566,16 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
 @cli.command("outcomes")
 @click.argument("source", required=False, type=click.Path(path_type=Path))
 @server_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default=None,
-              help="Default: table on a terminal, json otherwise.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown", "html"]), default=None,
+              help="Default: table on a terminal, json otherwise. html: one self-contained page "
+                   "(Tables I and II, response rate with its CI, the plot, the rule, the warnings).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG: improvement % per case by indication with the 40/80 thresholds.")
 @click.option("--write-back", is_flag=True,
               help="Write each response as an Observation (to --server, or into the bundle given by -o).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --write-back and a file SOURCE: the Bundle to write the derived Observations to.")
+              help="Write the report here instead of stdout (e.g. --format html -o report.html). "
+                   "With --write-back and a file SOURCE: the Bundle to write the derived Observations to.")
 @mapping_option
 @strict_option
 @click.pass_obj
@@ -600,6 +602,10 @@ def outcomes_cmd(obj: Ctx, /, source: Path | None, fmt: str | None, plot_path: P
     settings = pop_server(kwargs, required=False)
     if (source is None) == (settings is None):
         raise click.UsageError("give either SOURCE or --server/--profile")
+    bundle_out = write_back and settings is None  # -o is then the write-back bundle
+    if bundle_out and fmt == "html" and output is not None:
+        raise click.UsageError("with --write-back and a file SOURCE, -o is the write-back bundle: "
+                               "write the HTML report in a run without --write-back")
     mapping = get_mapping(mapping_path)
     fmt = fmt or ("table" if sys.stdout.isatty() else "json")
     client = None
@@ -617,7 +623,15 @@ def outcomes_cmd(obj: Ctx, /, source: Path | None, fmt: str | None, plot_path: P
             result.warnings.append(f"row {rej.row} rejected ({rej.message}); not in the outcomes")
         for w in result.warnings:
             log.info("data quality: %s", w)
-        click.echo(render(result, fmt), nl=False)
+        displays = {label: spec.display for label, spec in mapping.indications.items()}
+        text = render(result, fmt, displays=displays)
+        if output is not None and not bundle_out:
+            from ruxo_fhir.bundle import atomic_write_bytes
+
+            atomic_write_bytes(output, text.encode("utf-8"))
+            say(f"{fmt} report written to {output}", obj)
+        else:
+            click.echo(text, nl=False)
         if plot_path:
             plot(result, plot_path)
             say(f"plot written to {plot_path}", obj)
