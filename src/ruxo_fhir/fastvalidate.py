@@ -33,7 +33,10 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ruxo_fhir.conformance import Invariant, Rules, Trace
 
 Resource = dict[str, Any]
 Check = Callable[[Any], bool]
@@ -278,6 +281,7 @@ class _Compiler:
     def __init__(self, index: ModelIndex, memos: dict[str, set[str]]) -> None:
         self.index = index
         self.memos = memos
+        self.vars: dict[tuple[Any, ...], str] = {(): "r"}  # JSON path -> variable holding it
         self.lines: list[str] = []
         self.env: dict[str, Any] = {"_slow": _slow, **_ENV}
         self.counter = 0
@@ -295,13 +299,16 @@ class _Compiler:
     def emit(self, line: str, depth: int = 2) -> None:
         self.lines.append("    " * depth + line)
 
-    def compile(self, cls: type, resource: Resource) -> ShapeCheck:
+    def compile(self, cls: type, resource: Resource, rules: RuleChecks | None = None,
+                trace: Trace | None = None) -> ShapeCheck:
         # A dict has the shape's keys exactly when it has as many keys and every one of them
         # can be read: a missing key raises KeyError, which means another shape.
         keys = [k for k in resource if k != "resourceType"]
         self.emit(f"if len(r) != {len(resource)} or r['resourceType'] != {self.const(resource['resourceType'])}: "
                   "return 1", 2)
-        self.object_body("r", cls, resource, keys)
+        self.object_body("r", cls, resource, keys, ())
+        if rules is not None and trace is not None:
+            self.rule_checks(rules, trace, resource)
         source = ("def check(r):\n    try:\n" + "\n".join(self.lines)
                   + "\n    except KeyError:\n        return 1\n    return 0\n")
         exec(compile(source, f"<fhir shape {resource.get('resourceType')}>", "exec"), self.env)  # noqa: S102
@@ -309,7 +316,52 @@ class _Compiler:
         check.__doc__ = source  # for debugging: the generated code
         return check
 
-    def object_body(self, var: str, cls: type, obj: dict[str, Any], keys: list[str]) -> None:
+    def rule_checks(self, rules: RuleChecks, trace: Trace, resource: Resource) -> None:
+        """The spec's rules for this shape, after its structure and leaves are checked: what the
+        shape proves (cardinality, ele-1, ext-1, invariants that `shape_proof` proves) is decided
+        now; bindings, terminology and the other invariants are checked per resource."""
+        for path, rule in trace.codes:
+            var = self.vars[path]
+            if rule.type == "code":
+                self.emit(f"if {var} not in {self.const(rule.codes, 'B')}: return 2")
+                continue
+            node = _at(resource, path)
+            concept = node.get("concept") if rule.type == "CodeableReference" else node
+            codings = concept.get("coding") if rule.type != "Coding" and isinstance(concept, dict) else None
+            if isinstance(codings, list) and codings and all(isinstance(c, dict) for c in codings):
+                # the shape fixes how many codings there are: one pair test each, inline
+                base = f"{var}['concept']" if rule.type == "CodeableReference" else var
+                pairs = self.const(rule.pairs, "B")
+                tests = " or ".join(f"({base}['coding'][{i}].get('system'), {base}['coding'][{i}].get('code')) "
+                                    f"in {pairs}" for i in range(len(codings)))
+                self.emit(f"if not ({tests}): return 2")
+            else:
+                self.emit(f"if _bindp({self.const(rule, 'E')}, {var}) is not None: return 2")
+        if trace.codings:
+            memo = self.const(rules.coding_memo, "T")
+        for path in trace.codings:
+            var = self.vars[path]
+            self.emit(f"if ({var}.get('system'), {var}.get('code')) not in {memo} and not _coding_ok({var}): return 2")
+        for path in trace.quantities:
+            self.emit(f"if not _quantity_ok({self.vars[path]}): return 2")
+        for path in trace.identifiers:
+            self.emit(f"if not _idsys_ok({self.vars[path]}): return 2")
+        for path, inv in trace.invariants:
+            node = _at(resource, path)
+            if inv.shape_proof(node, resource):
+                continue
+            var, const = self.vars[path], self.const(inv, "I")
+            native = rules.natives.get(inv.key)
+            if inv.key == "ref-1" and isinstance(node.get("reference"), str):  # the common case, inline
+                self.emit(f"if {var}['reference'][:1] == '#' and not _inv({const}, {var}, r): return 2")
+            elif native is not None:
+                self.emit(f"if not ({self.const(native, 'N')}({var}, r) or _inv({const}, {var}, r)): return 2")
+            else:
+                self.emit(f"if not _inv({const}, {var}, r): return 2")
+        self.env.update(rules.env)
+
+    def object_body(self, var: str, cls: type, obj: dict[str, Any], keys: list[str],
+                    path: tuple[Any, ...]) -> None:
         elements = self.index.elements(cls)
         for key in keys:
             element = elements.get(key)
@@ -325,11 +377,13 @@ class _Compiler:
                 for i, item in enumerate(value):
                     item_var = self.name("v")
                     self.emit(f"{item_var} = {sub}[{i}]")
-                    self.value(item_var, element.kind, item)
+                    self.vars[(*path, key, i)] = item_var
+                    self.value(item_var, element.kind, item, (*path, key, i))
             else:
-                self.value(sub, element.kind, value)
+                self.vars[(*path, key)] = sub
+                self.value(sub, element.kind, value, (*path, key))
 
-    def value(self, var: str, kind: Primitive | type, value: Any) -> None:
+    def value(self, var: str, kind: Primitive | type, value: Any, path: tuple[Any, ...] = ()) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise _Unsupported("too large")
@@ -339,7 +393,7 @@ class _Compiler:
         if type(value) is not dict or not value or "resourceType" in value:
             raise _Unsupported(kind.__name__)
         self.emit(f"if type({var}) is not dict or len({var}) != {len(value)}: return 1")
-        self.object_body(var, kind, value, list(value))
+        self.object_body(var, kind, value, list(value), path)
 
     def leaf(self, var: str, kind: Primitive, value: Any) -> None:
         if type(value) not in kind.json_types:
@@ -394,7 +448,8 @@ class FastStats:
 class FastPath:
     """Compiled shape checks for one FHIR version; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules: Rules | None = None) -> None:
+        self.rules = RuleChecks(rules) if rules is not None else None
         self.index = ModelIndex()
         self.memos: dict[str, set[str]] = {}
         self._shapes: dict[tuple[str, tuple[str, ...]], list[ShapeCheck]] = {}
@@ -429,15 +484,16 @@ class FastPath:
                 self.index.primitives[primitive])
         return check(value)
 
-    def learn(self, cls: type, resource: Resource) -> None:
-        """Compile the shape of `resource`, which the model has just accepted."""
+    def learn(self, cls: type, resource: Resource, trace: Trace | None = None) -> None:
+        """Compile the shape of `resource`, which the model and the rules (`trace`: what they
+        looked at) have just accepted without a finding."""
         key = (resource["resourceType"], tuple(resource))
         candidates = self._shapes.setdefault(key, [])
         declined = self._declined.get(key, 0)
         if len(candidates) >= MAX_SHAPES_PER_KEY or declined >= MAX_SHAPES_PER_KEY or self._count >= MAX_SHAPES:
             return
         try:
-            shape = _Compiler(self.index, self.memos).compile(cls, resource)
+            shape = _Compiler(self.index, self.memos).compile(cls, resource, self.rules, trace)
         except (_Unsupported, RecursionError):
             self.stats.unsupported += 1
             self._declined[key] = declined + 1
@@ -447,3 +503,90 @@ class FastPath:
         self.stats.compiled += 1
         kind = str(resource["resourceType"])
         self.stats.shapes[kind] = self.stats.shapes.get(kind, 0) + 1
+
+
+class RuleChecks:
+    """The per-resource parts of the spec's rules that compiled shapes call: bindings of
+    Codings/CodeableConcepts, terminology warnings and invariants the shape does not prove, each
+    memoised on the values it reads (bounded), so a value seen once is decided once."""
+
+    def __init__(self, rules: Rules) -> None:
+        from ruxo_fhir import conformance, terminology
+
+        self.rules = rules
+        self.natives = conformance.NATIVE_PROVERS
+        codings: set[tuple[Any, Any]] = set()
+        self.coding_memo = codings
+        quantities: set[tuple[Any, Any]] = set()
+        systems: set[Any] = set()
+        inv_memo: dict[tuple[Any, ...], bool] = {}
+
+        def coding_ok(node: dict[str, Any]) -> bool:
+            key = (node.get("system"), node.get("code"))
+            if key in codings:
+                return True
+            if terminology.coding_warnings(*key):
+                return False
+            if len(codings) < MEMO_LIMIT:
+                codings.add(key)
+            return True
+
+        def quantity_ok(node: dict[str, Any]) -> bool:
+            key = (node.get("system"), node.get("code"))
+            if key in quantities:
+                return True
+            if terminology.quantity_warnings(*key):
+                return False
+            if len(quantities) < MEMO_LIMIT:
+                quantities.add(key)
+            return True
+
+        def idsys_ok(node: dict[str, Any]) -> bool:
+            system = node.get("system")
+            if system in systems:
+                return True
+            if not isinstance(system, str) or terminology.system_uri(system):
+                return False
+            if len(systems) < MEMO_LIMIT:
+                systems.add(system)
+            return True
+
+        def inv(invariant: Invariant, node: dict[str, Any], root: Resource) -> bool:
+            native = conformance.NATIVE_PROVERS.get(invariant.key)
+            if native is not None and native(node, root):
+                return True
+            key = None if invariant.uses_root else (invariant.key, invariant.base, _project(node, invariant.names))
+            if key is not None and key in inv_memo:
+                return inv_memo[key]
+            verdict = invariant.holds(node, root) is not False
+            if key is not None and len(inv_memo) < MEMO_LIMIT:
+                inv_memo[key] = verdict
+            return verdict
+
+        self.env: dict[str, Any] = {"_bindp": conformance.binding_problem, "_coding_ok": coding_ok,
+                                    "_quantity_ok": quantity_ok, "_idsys_ok": idsys_ok, "_inv": inv}
+
+
+def _at(resource: Resource, path: tuple[Any, ...]) -> Any:
+    node: Any = resource
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _project(node: dict[str, Any], names: frozenset[str]) -> tuple[Any, ...]:
+    """The values under the keys of `node` an expression can read (its names, choice keys by
+    their stem), as a hashable tuple: two nodes with equal projections get the same verdict."""
+    out: list[Any] = []
+    for key, value in node.items():
+        if key in names or any(key.startswith(n) and key[len(n):len(n) + 1].isupper() for n in names):
+            out.append((key, _freeze(value)))
+    return tuple(out)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return (type(value).__name__, value)

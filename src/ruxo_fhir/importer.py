@@ -125,7 +125,7 @@ def _reject_accepted(reader: CaseReader, on_reject: Callable[[Reject], None], re
 
 def _validation_reject(record: CaseRecord, version: FhirVersion, problem: Problem) -> Reject:
     return Reject(record.row or 0, record.to_row(), problem.location,
-                  f"FHIR {version} validation failed: {problem.message}")
+                  f"FHIR {version} validation failed: {problem.rule}: {problem.message}")
 
 
 class _PatientsPending:
@@ -293,6 +293,23 @@ class _RawNdjsonWriter(NdjsonWriter):
 
 # --- the import ---------------------------------------------------------------------------
 
+def mapping_terminology_warnings(mapping: MappingSpec) -> list[str]:
+    """The validator's terminology warnings (SNOMED CT check digit, ICD-10 shape, UCUM, system
+    URIs) for the codings and units the mapping writes: every coded value of the output comes
+    from the mapping, so checking it once stands for checking every row."""
+    from ruxo_fhir.terminology import UCUM, coding_warnings, quantity_warnings
+
+    out: list[str] = []
+    for where, code in mapping.all_codes():
+        for rule, message in coding_warnings(mapping.system_uri(code.system), code.code):
+            out.append(f"mapping {where}: {message} ({rule})")
+    for name in ("improvement", "score", "recurrence", "response"):
+        unit = getattr(mapping.observations, name).unit
+        for rule, message in quantity_warnings(UCUM, unit) if unit else []:
+            out.append(f"mapping observations.{name}.unit: {message} ({rule})")
+    return out
+
+
 def import_cases(
     source: str | Path,
     output: str | Path,
@@ -318,6 +335,8 @@ def import_cases(
     reader = CaseReader(src, mapping, sheet=sheet)  # raises InputError for unusable files, nothing written yet
     rej_path = Path(rejects_path) if rejects_path else default_rejects_path(src, out)
     result = ImportResult(report=reader.report, output=out, rejects_path=rej_path)
+    for line in mapping_terminology_warnings(mapping):
+        reader.report.warn(line)
     counts = result.resources
     writer = _RawNdjsonWriter(out) if fmt == "ndjson" else writer_for(out, fmt)
     rejects: RejectsWriter | None = None

@@ -1,6 +1,9 @@
-"""Validation of FHIR resources against the fhir.resources models of the chosen version.
+"""Validation of FHIR resources: the fhir.resources models, then the spec's core rules.
 
-Every resource gets the models' verdict. By default a compiled fast path
+Structure and datatypes are the models' verdict; cardinality, required bindings, invariants
+(FHIRPath) and terminology warnings come from `ruxo_fhir.conformance` (the spec's definitions,
+generated into rules/R4.json and rules/R5.json). `Validator.check` gives errors and warnings,
+`Validator.validate` errors only (a resource is valid when it has none). By default a compiled fast path
 (`ruxo_fhir.fastvalidate`) proves most resources valid without building model objects: the
 first resource of each structural shape goes through the model, later ones of a shape the
 model accepted are checked leaf by leaf against their FHIR primitive types, and anything the
@@ -14,6 +17,7 @@ from typing import Any
 
 import pydantic
 
+from ruxo_fhir.conformance import Rules, Trace, rules_for
 from ruxo_fhir.fastvalidate import MISMATCH, OK, FastPath
 from ruxo_fhir.fhir_version import FhirVersion, model_class
 
@@ -22,14 +26,21 @@ Resource = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One validation finding: which resource, where (FHIRPath-like) and why."""
+    """One validation finding: which resource, where (FHIRPath-like), which rule and why.
+
+    `rule` is an invariant key (per-1, qty-3, ...), `binding`, `cardinality`, `structure` (the
+    model), or a terminology check (snomed-check-digit, icd10-format, ucum, system-uri, ...).
+    """
 
     resource: str
     location: str
     message: str
+    rule: str = "structure"
+    severity: str = "error"  # or "warning": reported, but the resource stays valid
 
     def __str__(self) -> str:
-        return f"{self.resource} at {self.location}: {self.message}"
+        text = self.message if self.severity == "error" else f"warning: {self.message}"
+        return f"{self.resource}  {self.location}  {self.rule}  {text}"
 
 
 def _fhirpath(resource_type: str, loc: tuple[int | str, ...]) -> str:
@@ -52,7 +63,8 @@ class Validator:
     def __init__(self, version: FhirVersion, *, fast: bool = True) -> None:
         self.version = version
         self._classes: dict[str, Any] = {}
-        self.fast: FastPath | None = FastPath() if fast else None
+        self.rules: Rules = rules_for(version)
+        self.fast: FastPath | None = FastPath(self.rules) if fast else None
 
     def _class(self, resource_type: str) -> Any:
         if resource_type not in self._classes:
@@ -60,6 +72,12 @@ class Validator:
         return self._classes[resource_type]
 
     def validate(self, resource: Resource) -> list[Problem]:
+        """The errors of `resource` (empty: valid)."""
+        found = self.check(resource)
+        return [p for p in found if p.severity == "error"] if found else found
+
+    def check(self, resource: Resource) -> list[Problem]:
+        """Errors and warnings of `resource`."""
         kind = resource.get("resourceType")
         if not isinstance(kind, str) or not kind:
             return [Problem(resource_label(resource), "resourceType", "missing resourceType")]
@@ -88,6 +106,11 @@ class Validator:
             ]
         except (ValueError, TypeError) as exc:  # some model validators raise plain errors
             return [Problem(resource_label(resource), kind, str(exc).splitlines()[0])]
-        if fast is not None and verdict == MISMATCH:
-            fast.learn(cls, resource)
+        trace = Trace() if fast is not None and verdict == MISMATCH else None
+        findings = self.rules.check(resource, trace)
+        if findings:
+            label = resource_label(resource)
+            return [Problem(label, f.location, f.message, f.rule, f.severity) for f in findings]
+        if fast is not None and trace is not None:
+            fast.learn(cls, resource, trace)
         return []

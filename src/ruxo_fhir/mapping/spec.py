@@ -170,6 +170,10 @@ class MappingSpec(_Model):
                 raise ValueError(f"date_formats: {fmt!r} is not a strptime format (e.g. %d/%m/%Y)")
         return self
 
+    def all_codes(self) -> list[tuple[str, CodeSpec]]:
+        """Every coding the mapping writes, with where it is in the mapping file."""
+        return self._all_codes()
+
     def _all_codes(self) -> list[tuple[str, CodeSpec]]:
         out: list[tuple[str, CodeSpec]] = []
         for table_name in ("indications", "prior_treatments", "adverse_events"):

@@ -17,7 +17,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ruxo_fhir.bundle import make_bundle, put_entry
 from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError, TemporaryServerError
@@ -29,6 +29,9 @@ from ruxo_fhir.sync.capabilities import check_version as check_version  # re-exp
 from ruxo_fhir.sync.capabilities import server_interactions as server_interactions
 from ruxo_fhir.sync.ledger import Ledger, Pushed, content_hash
 from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
+
+if TYPE_CHECKING:
+    from ruxo_fhir.validate import Validator
 
 log = logging.getLogger("ruxo_fhir.sync")
 LEDGER_WINDOW = 1000  # entries whose server versions are checked together on a re-push
@@ -254,6 +257,7 @@ class Pusher:
         self.on_progress = on_progress or (lambda n: None)
         self.case_rows = case_rows or {}
         self.result = PushResult(mode=options.mode, batch_size=options.batch_size)
+        self._validator: Validator | None = None
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, resources: Iterable[Resource]) -> PushResult:
@@ -324,8 +328,9 @@ class Pusher:
 
     # -- one chunk -----------------------------------------------------------------------
     def _push_chunk(self, chunk: list[Group], hashes: dict[str, str], unchanged: set[str]) -> None:
+        self.result.total += sum(len(g.resources) for g in chunk)
+        chunk = [g for g in chunk if self._valid_group(g)]
         resources = [r for g in chunk for r in g.resources]
-        self.result.total += len(resources)
         for res in resources:
             if self._key(res) in unchanged:
                 self.result.count(res["resourceType"], "unchanged")
@@ -336,6 +341,25 @@ class Pusher:
             self.on_progress(skipped)
         if todo:
             self._send(todo, hashes)
+
+    def _valid_group(self, group: Group) -> bool:
+        """Local validation before sending (the same rules as import): a case with an invalid
+        resource is rejected whole, with its case and row, and nothing of it is sent."""
+        if self._validator is None:
+            from ruxo_fhir.validate import Validator
+
+            self._validator = Validator(self.opt.version)
+        lines = [f"{p.location}  {p.rule}  {p.message}" for r in group.resources for p in self._validator.validate(r)]
+        if not lines:
+            return True
+        where = self._where(group.case_id)
+        for res in group.resources:
+            self.result.count(res["resourceType"], "rejected")
+        for line in lines:
+            self.result.errors.append(f"{where + ': ' if where else ''}not sent, fails FHIR {self.opt.version} "
+                                      f"validation: {line}")
+        self.on_progress(len(group.resources))
+        return False
 
     def _key(self, res: Resource) -> str:
         return f"{res['resourceType']}/{res['id']}"
