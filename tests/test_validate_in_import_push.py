@@ -35,7 +35,8 @@ def test_import_rejects_rows_whose_resources_break_a_required_binding_and_warns_
     result = import_cases(EXAMPLE_CSV, tmp_path / "out.json", mapping=load_mapping(site), rejects_path=rejects)
     with rejects.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    bid_rows = [r for r in csv.DictReader(EXAMPLE_CSV.open(encoding="utf-8", newline="")) if r["frequency"] == "BID"]
+    with EXAMPLE_CSV.open(encoding="utf-8", newline="") as fh:
+        bid_rows = [r for r in csv.DictReader(fh) if r["frequency"] == "BID"]
     assert bid_rows and len(rows) == len(bid_rows) == result.report.rejected
     for row in rows:
         assert row["frequency"] == "BID" and row["row"].isdigit()
