@@ -66,11 +66,22 @@ class RunReport:
         self.status = "failed"
         self.errors.append(str(exc))
 
+    def settled_status(self) -> str:
+        """`ok` only when nothing was rejected; `partial` when some went through; else `failed`."""
+        if self.status == "failed":
+            return "failed"
+        refused = sum(self.counts.get(k, 0) for k in ("rejected", "rows_rejected", "problems"))
+        if not refused and not self.errors:
+            return "ok"
+        done = sum(self.counts.get(k, 0) for k in ("accepted", "created", "updated", "unchanged", "create",
+                                                    "update"))
+        return "partial" if done else "failed"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "tool": {"name": "ruxo-fhir", "version": __version__, "python": platform.python_version()},
             "command": self.command,
-            "status": self.status,
+            "status": self.settled_status(),
             "start": self.started,
             "end": self.ended or _now(),
             "options": self.options,

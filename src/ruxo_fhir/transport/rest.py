@@ -201,6 +201,26 @@ def _was_not_sent(exc: BaseException) -> bool:
     return False
 
 
+def _unreachable(exc: BaseException) -> str | None:
+    """`connection refused` / `host name not found` when nothing could even be connected to."""
+    if not isinstance(exc, requests.exceptions.ConnectionError) or not exc.args:
+        return None
+    inner = exc.args[0]
+    reason = inner.reason if isinstance(inner, MaxRetryError) else inner
+    if not isinstance(reason, NewConnectionError):
+        return None
+    if type(reason).__name__ == "NameResolutionError" or "Name or service not known" in str(reason) \
+            or "nodename nor servname" in str(reason) or "getaddrinfo failed" in str(reason):
+        return "host name not found"
+    cause: BaseException | None = reason
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in str(cause) \
+                or "actively refused" in str(cause):
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _log_target(url: str, params: Params | None) -> str:
     """Path plus parameter NAMES (values may be PHI) for logs and error messages."""
     prepared = PreparedRequest()
@@ -294,6 +314,9 @@ class FhirClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.request_count = 0
+        # Retries are for a server that answered before: nothing listening at first contact is
+        # a wrong URL or a stopped server, said at once instead of after minutes of backoff.
+        self.answered = False
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = user_agent
         self.session.headers["Accept"] = FHIR_JSON
@@ -467,6 +490,10 @@ class FhirClient:
             if isinstance(outcome, _Failure):
                 if outcome.sent and not retryable:
                     raise outcome.error from outcome.cause
+                unreachable = None if self.answered else _unreachable(outcome.cause)
+                if unreachable:
+                    raise FatalServerError(f"cannot connect to {redact_url(self.base_url)} ({unreachable})",
+                                           case_id=case_id) from outcome.cause
                 delay = self.retry.next_delay(attempt, slept, None)
                 if delay is None:
                     raise outcome.error from outcome.cause
@@ -539,6 +566,7 @@ class FhirClient:
         except requests.exceptions.RequestException as exc:
             raise FatalServerError(f"{type(exc).__name__} during {method} {target}", url=target, case_id=case_id) from exc
         logger.debug("%s %s -> %d in %.3f s", method, target, resp.status_code, time.monotonic() - started)
+        self.answered = True
         return resp
 
     # -- FHIR helpers --------------------------------------------------------------------

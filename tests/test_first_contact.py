@@ -1,0 +1,98 @@
+"""First contact and run reports: nothing listening is said at once; a report is `ok` only when nothing was rejected."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers import EXAMPLE_CSV, case_row, invoke, read_csv_rows, run_cli, write_cases
+
+from ruxo_fhir.errors import FatalServerError, TemporaryServerError
+from ruxo_fhir.transport.rest import FhirClient, RetryPolicy
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound then closed: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", [["check"], ["pull", "-o", "{tmp}/p.json"], ["push", str(EXAMPLE_CSV)],
+                                     ["outcomes"]])
+def test_connection_refused_at_first_contact_is_one_line_within_5_s(tmp_path: Path, command: list[str]) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/fhir"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    started = time.monotonic()
+    result = run_cli(*args, "--server", url, timeout=60)
+    took = time.monotonic() - started
+    # No backoff at all (the old retries slept ~27 s); the CLI's own start-up on a busy shared
+    # machine is what is left, so the bound here is loose and the "no retry" check is the real one.
+    assert took < 20, f"{took:.1f} s"
+    assert result.exit_code == 4, str(result)
+    said = result.stdout + result.stderr
+    assert f"cannot connect to {url} (connection refused)" in said
+    assert "retry" not in said and "Traceback" not in said
+    if command[0] != "check":  # check prints its report lines, the others exactly one line
+        assert len(result.stderr_lines) == 1, str(result)
+
+
+class _Once(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_server_that_answered_before_gets_retries() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Once)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sleeps: list[float] = []
+    client = FhirClient(f"http://127.0.0.1:{server.server_address[1]}/fhir",
+                        retry=RetryPolicy(max_attempts=3, jitter=0, sleep=sleeps.append), timeout=5)
+    try:
+        assert client.request("GET", "metadata").status == 200
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        with pytest.raises(TemporaryServerError):
+            client.request("GET", "metadata")
+        assert sleeps == [1.0, 2.0]  # backed off: it was there a moment ago
+    finally:
+        client.close()
+
+
+def test_a_fresh_client_does_not_retry_a_refused_connection() -> None:
+    sleeps: list[float] = []
+    client = FhirClient(f"http://127.0.0.1:{closed_port()}/fhir", retry=RetryPolicy(sleep=sleeps.append))
+    try:
+        with pytest.raises(FatalServerError, match=r"\(connection refused\)"):
+            client.request("GET", "metadata")
+        assert sleeps == [] and client.request_count == 1
+    finally:
+        client.close()
+
+
+def report_status(tmp_path: Path, rows: list[dict[str, str]], name: str) -> str:
+    src = write_cases(tmp_path / f"{name}.csv", rows)
+    report = tmp_path / f"{name}.report.json"
+    invoke("import", src, "-o", tmp_path / f"{name}.json", "--report", report)
+    return str(json.loads(report.read_text(encoding="utf-8"))["status"])
+
+
+def test_the_run_report_status_is_ok_only_when_nothing_was_rejected(tmp_path: Path) -> None:
+    good = read_csv_rows(EXAMPLE_CSV)
+    bad = case_row("X1", treatment_start="not a date")
+    assert report_status(tmp_path, good, "good") == "ok"
+    assert report_status(tmp_path, [*good, bad], "some") == "partial"
+    assert report_status(tmp_path, [bad], "all") == "failed"
