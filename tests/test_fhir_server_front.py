@@ -269,6 +269,41 @@ def test_paging_next_links(fhir_server: TestFhirServer) -> None:
     assert count_only["total"] == 120 and "entry" not in count_only
 
 
+def _walk(url: str | None) -> tuple[list[str], list[str]]:
+    """(ids in page order, every next link) following `next` to the end."""
+    seen: list[str] = []
+    nexts: list[str] = []
+    while url:
+        page = call("GET", url).json()
+        seen += ids(page)
+        url = {link["relation"]: link["url"] for link in page["link"]}.get("next")
+        if url:
+            nexts.append(url)
+    return seen, nexts
+
+
+def test_paging_cached_opaque_links_and_overlap(fhir_server: TestFhirServer) -> None:
+    fhir_server.configure(page_size=10, paging="cached")
+    r = batch(fhir_server, [post_entry(patient(f"c{i}")) for i in range(35)])
+    created = {e["resource"]["id"] for e in r.json()["entry"]}
+    seen, nexts = _walk(f"{fhir_server.base_url}/Patient")
+    assert len(seen) == 35 and set(seen) == created and len(nexts) == 3
+    assert all(u.startswith(f"{fhir_server.base_url}?_getpages=") and "_getpagesoffset=" in u for u in nexts)
+    # the set was taken at the first page: a resource created meanwhile is not in it
+    first = call("GET", f"{fhir_server.base_url}/Patient").json()
+    create(fhir_server, patient("late"))
+    later, _ = _walk({link["relation"]: link["url"] for link in first["link"]}["next"])
+    assert len(ids(first)) + len(later) == 35
+    assert_outcome(call("GET", f"{fhir_server.base_url}?_getpages=nope&_getpagesoffset=10&_count=10"), 410)
+
+    fhir_server.configure(page_overlap=3)
+    seen, _ = _walk(f"{fhir_server.base_url}/Patient")
+    assert len(seen) > 36 and set(seen) == created | {seen[-1]} and len(set(seen)) == 36
+    fhir_server.configure(paging="offset")
+    seen, nexts = _walk(f"{fhir_server.base_url}/Patient")
+    assert len(seen) > 36 and len(set(seen)) == 36 and all("_offset=" in u for u in nexts)
+
+
 def test_search_identifier_id_subject_elements(fhir_server: TestFhirServer) -> None:
     base = fhir_server.base_url
     a = create(fhir_server, patient("A1", birthDate="1980-01-01"))

@@ -484,13 +484,15 @@ def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, 
 @click.option("--patient", metavar="ID", help="Only this local patient_id.")
 @click.option("--bulk", is_flag=True, help="Use Bulk Data system $export instead of paged searches.")
 @click.option("--page-size", type=click.IntRange(1, 1000), default=None, help="_count per search page.")
+@click.option("--max-pages", type=click.IntRange(1), default=None,
+              help="Stop a search (error, exit 4) after this many pages; default 20000 (a runaway guard).")
 @mapping_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a JSON run report.")
 @click.pass_obj
 @handles_errors
 def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Path | None, patient: str | None,
-             bulk: bool, page_size: int | None, mapping_path: Path | None, report_path: Path | None,
+             bulk: bool, page_size: int | None, max_pages: int | None, mapping_path: Path | None, report_path: Path | None,
              **kwargs: Any) -> None:
     """Pull the cohort (and only the cohort) from a FHIR server.
 
@@ -541,7 +543,7 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
                     writer.write(res)
                     progress(1)
         else:
-            opts = PullOptions(since=since, patient=patient, page_size=page_size)
+            opts = PullOptions(since=since, patient=patient, page_size=page_size, max_pages=max_pages)
             for res in pull_cohort(client, mapping, opts, result):
                 writer.write(res)
                 progress(1)

@@ -18,6 +18,10 @@ export function defaultConfig() {
     omitted_behavior: 'refuse',
     batch_only: false,
     page_size: 50,
+    // "offset": live offset paging, readable next links; "cached": HAPI-like, the result set is
+    // taken at the first page and later pages come from opaque `<base>?_getpages=<id>&...` links
+    paging: 'offset',
+    page_overlap: 0, // next page starts this many entries early (pages overlap), as live paging can
     max_bundle_entries: 0, // 0 = no cap
     strict_search: true, // unknown search parameters -> 400 (HAPI's default); false = ignored
     validate: true, // validateResource() from @medplum/core on every create/update
@@ -58,6 +62,8 @@ const TYPES = {
   omitted_behavior: ['refuse', 'ignore'],
   batch_only: 'boolean',
   page_size: 'posint',
+  paging: ['offset', 'cached'],
+  page_overlap: 'int',
   max_bundle_entries: 'int',
   strict_search: 'boolean',
   validate: 'boolean',

@@ -310,6 +310,7 @@ const RESULT_PARAMS = new Set([
 ]);
 // Search parameter types MemoryRepository can match (number, quantity, composite, special cannot).
 const MATCHABLE_TYPES = new Set(['token', 'reference', 'string', 'uri', 'date']);
+const CACHED_MAX = 100000; // cached paging takes at most this many matches per search
 const WRITE_KINDS = new Set(['create', 'update', 'conditional-update', 'patch', 'conditional-patch']);
 const INTERACTIONS = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'create', 'search-type'];
 
@@ -355,10 +356,12 @@ export class FhirEngine {
     this.getConfig = getConfig;
     this.repo = new FrontRepository(getConfig);
     this.router = new FhirRouter();
+    this.resultSets = new Map(); // cached paging: id -> {entries, total}, the 50 newest
   }
 
   reset() {
     this.repo.reset();
+    this.resultSets.clear();
   }
 
   // ---- capability statement -------------------------------------------------------------------
@@ -457,6 +460,9 @@ export class FhirEngine {
     }
     if (kind === 'operation') {
       return outcome(400, 'not-supported', `Operation ${segs.join('/')} is not supported by this server`);
+    }
+    if (kind === 'search-system' && r.query.has('_getpages')) {
+      return this.getPages(r.query, cfg, base);
     }
     if (kind === 'search-system') {
       return outcome(400, 'not-supported', 'System-level search is not supported; search a resource type');
@@ -580,9 +586,11 @@ export class FhirEngine {
       }
     }
     const pageSize = summaryCount ? 0 : Math.min(count ?? cfg.page_size, cfg.page_size);
+    const cached = cfg.paging === 'cached' && pageSize > 0;
     const q = new URLSearchParams(keep);
-    q.set('_count', String(pageSize));
-    q.set('_offset', String(offset));
+    // cached paging (HAPI-like): the whole result set is taken now, pages are cut from it later
+    q.set('_count', String(cached ? CACHED_MAX : pageSize));
+    q.set('_offset', String(cached ? 0 : offset));
     const [oc, bundle] = await this.router.handleRequest(
       { method: 'GET', url: `${type}?${q}`, pathname: '', query: {}, params: {}, body: undefined, headers, config: {} },
       this.repo
@@ -595,6 +603,13 @@ export class FhirEngine {
       const resource = elements && e.search?.mode !== 'include' ? subset(e.resource, elements) : e.resource;
       entries[i] = { fullUrl: `${base}/${resource.resourceType}/${resource.id}`, resource, search: e.search };
     }
+    if (cached) {
+      const id = randomUUID();
+      this.resultSets.set(id, { entries, total });
+      while (this.resultSets.size > 50) this.resultSets.delete(this.resultSets.keys().next().value);
+      return { status: 200, body: this.cachedPage(id, offset, pageSize, cfg, base) };
+    }
+    const step = Math.max(1, pageSize - (cfg.page_overlap ?? 0)); // page_overlap: next repeats entries
     const link = (off) => {
       const p = new URLSearchParams(keep);
       if (elements) p.set('_elements', elements.join(','));
@@ -607,7 +622,7 @@ export class FhirEngine {
     if (pageSize > 0) {
       links.push({ relation: 'first', url: link(0) });
       if (offset > 0) links.push({ relation: 'previous', url: link(Math.max(0, offset - pageSize)) });
-      if (offset + pageSize < total) links.push({ relation: 'next', url: link(offset + pageSize) });
+      if (offset + pageSize < total) links.push({ relation: 'next', url: link(offset + step) });
     }
     const out = {
       resourceType: 'Bundle',
@@ -619,6 +634,36 @@ export class FhirEngine {
     };
     if (entries.length) out.entry = entries;
     return { status: 200, body: out };
+  }
+
+  /**
+   * One page of a cached result set, with HAPI's opaque paging links
+   * (`<base>?_getpages=<id>&_getpagesoffset=N&_count=M&_bundletype=searchset`).
+   */
+  cachedPage(id, offset, pageSize, cfg, base) {
+    const set = this.resultSets.get(id);
+    const step = Math.max(1, pageSize - (cfg.page_overlap ?? 0));
+    const link = (off) => `${base}?_getpages=${id}&_getpagesoffset=${off}&_count=${pageSize}&_bundletype=searchset`;
+    const links = [{ relation: 'self', url: link(offset) }];
+    if (offset > 0) links.push({ relation: 'previous', url: link(Math.max(0, offset - pageSize)) });
+    if (offset + pageSize < set.entries.length) links.push({ relation: 'next', url: link(offset + step) });
+    const page = set.entries.slice(offset, offset + pageSize);
+    const out = { resourceType: 'Bundle', id: randomUUID(), meta: { lastUpdated: new Date().toISOString() }, type: 'searchset', total: set.total, link: links };
+    if (page.length) out.entry = page;
+    return out;
+  }
+
+  getPages(query, cfg, base) {
+    const id = query.get('_getpages');
+    const offset = Number(query.get('_getpagesoffset') ?? '0');
+    const count = Number(query.get('_count') ?? cfg.page_size);
+    if (!this.resultSets.has(id)) {
+      return outcome(410, 'not-found', `Search ID "${id}" does not exist and may have expired`);
+    }
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(count) || count < 1) {
+      return outcome(400, 'invalid', '_getpagesoffset and _count must be non-negative integers');
+    }
+    return { status: 200, body: this.cachedPage(id, offset, Math.min(count, cfg.page_size), cfg, base) };
   }
 
   // ---- batch / transaction --------------------------------------------------------------------

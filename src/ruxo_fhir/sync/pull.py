@@ -36,7 +36,8 @@ COHORT_TYPES: tuple[str, ...] = ("Patient", *PART_TYPES)
 class Client(Protocol):
     base_url: str
 
-    def search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]: ...
+    def search(self, resource_type: str, params: dict[str, str], *,
+               max_pages: int | None = None) -> Iterator[dict[str, Any]]: ...
 
     def request(self, method: str, url_or_path: str, *, check: bool = True) -> Any: ...
 
@@ -46,6 +47,7 @@ class PullOptions:
     since: str | None = None
     patient: str | None = None
     page_size: int | None = None
+    max_pages: int | None = None  # per search; None = the client's default (a runaway guard)
 
 
 @dataclass
@@ -84,12 +86,24 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
     Memory: the set of the cohort's patient references, nothing per resource body.
     """
     res = result or PullResult()
-    yield from _kept(_pull_cohort(client, mapping, options or PullOptions(), res), res)
+    opt = options or PullOptions()
+    yield from _kept(_pull_cohort(_PageBound(client, opt.max_pages), mapping, opt, res), res)
     if res.retracted:
         res.warnings.append(f"left out {res.retracted} entered-in-error (retracted) resource(s)")
 
 
-def _pull_cohort(client: Client, mapping: MappingSpec, opt: PullOptions, res: PullResult) -> Iterator[Resource]:
+class _PageBound:
+    """The client with every search bounded to `max_pages` pages (PullOptions.max_pages)."""
+
+    def __init__(self, client: Client, max_pages: int | None) -> None:
+        self.client = client
+        self.max_pages = max_pages
+
+    def search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
+        return self.client.search(resource_type, params, max_pages=self.max_pages)
+
+
+def _pull_cohort(client: _PageBound, mapping: MappingSpec, opt: PullOptions, res: PullResult) -> Iterator[Resource]:
     sys = mapping.identifier_systems
     patient_system = mapping.patient_system
     subject: dict[str, str] = {}

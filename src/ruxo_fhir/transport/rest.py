@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import logging
 import random
 import time
@@ -31,6 +32,9 @@ logger = logging.getLogger("ruxo_fhir.transport")
 FHIR_JSON = "application/fhir+json"
 FHIR_NDJSON = "application/fhir+ndjson"
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Pages one search may take before it is stopped as a runaway (a server whose `next` links never
+# end). 20,000 pages hold 400,000 resources at HAPI's default 20 per page; pull --max-pages raises it.
+DEFAULT_MAX_PAGES = 20_000
 
 ParamValue = Union[str, int, float, Sequence[str]]
 Params = Union[Mapping[str, ParamValue], Sequence[tuple[str, str]]]
@@ -601,17 +605,30 @@ class FhirClient:
         resp = self.request("GET", self._resource_path(resource_type, resource_id))
         return resp.json_or_empty()
 
-    def search_bundles(self, resource_type: str, params: Params | None = None) -> Iterator[dict[str, Any]]:
+    def search_bundles(self, resource_type: str, params: Params | None = None, *,
+                       max_pages: int | None = None) -> Iterator[dict[str, Any]]:
         """Every searchset Bundle page of ``GET [base]/Type?params``, following ``next`` links.
 
-        Next links must be on the server's origin (they would otherwise receive our
-        credentials and search parameters): another host raises FatalServerError. A next link
-        that repeats a page already read ends with FatalServerError too (a paging loop).
+        ``next`` links are opaque: followed exactly as given (HAPI's ``<base>?_getpages=...``
+        included), never rebuilt. They must be on the server's origin (they would otherwise
+        receive our credentials and search parameters): another host raises FatalServerError.
+        A next link that repeats a page already read ends with FatalServerError too (a paging
+        loop), and so does a search that goes on beyond ``max_pages`` pages (default
+        DEFAULT_MAX_PAGES).
         """
+        limit = max_pages or DEFAULT_MAX_PAGES
         url: str = self.url(self._resource_path(resource_type))
         page_params: Params | None = params
         seen: set[str] = set()
+        pages = 0
         while True:
+            if pages >= limit:
+                raise FatalServerError(
+                    f"search {resource_type} stopped after {limit} pages (the page limit): the server keeps "
+                    f"sending next links; if the result is really that large, raise --max-pages or --page-size",
+                    url=redact_url(url),
+                )
+            pages += 1
             resp = self.request("GET", url, params=page_params)
             bundle = resp.json()
             if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -628,12 +645,18 @@ class FhirClient:
             seen.add(next_url)
             url, page_params = next_url, None
 
-    def search(self, resource_type: str, params: Params | None = None) -> Iterator[dict[str, Any]]:
-        """Every resource across all pages of a search (``_include``d ones too).
+    def search(self, resource_type: str, params: Params | None = None, *,
+                max_pages: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every resource across all pages of a search (``_include``d ones too), each once.
 
-        Entries with ``search.mode = outcome`` (server warnings) are logged, not yielded.
+        Pages may overlap (live paging while the set changes, an ``_include``d resource on
+        several pages): a ``Type/id`` already yielded by this search is skipped, remembered as a
+        64-bit digest (8 bytes a resource, not the resource). Entries with ``search.mode =
+        outcome`` (server warnings) are logged, not yielded.
         """
-        for bundle in self.search_bundles(resource_type, params):
+        yielded: set[int] = set()
+        repeats = 0
+        for bundle in self.search_bundles(resource_type, params, max_pages=max_pages):
             for entry in bundle.get("entry") or []:
                 if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
                     continue
@@ -643,7 +666,15 @@ class FhirClient:
                     for line in summarize_outcome(resource):
                         logger.warning("search %s: server says %s", resource_type, line)
                     continue
+                if isinstance(resource.get("id"), str):
+                    key = _key_digest(f"{resource.get('resourceType')}/{resource['id']}")
+                    if key in yielded:
+                        repeats += 1
+                        continue
+                    yielded.add(key)
                 yield resource
+        if repeats:
+            logger.info("search %s: %d resource(s) repeated across pages, each kept once", resource_type, repeats)
 
     def post_bundle(self, bundle: Mapping[str, Any], *, idempotent: bool, case_id: str | None = None) -> dict[str, Any]:
         """POST a batch/transaction Bundle to the base URL; returns the response Bundle.
@@ -679,6 +710,10 @@ class FhirClient:
             case_id=case_id,
         )
         return resp.json_or_empty()
+
+
+def _key_digest(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def _next_link(bundle: Mapping[str, Any]) -> str | None:
