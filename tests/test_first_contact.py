@@ -96,3 +96,86 @@ def test_the_run_report_status_is_ok_only_when_nothing_was_rejected(tmp_path: Pa
     assert report_status(tmp_path, good, "good") == "ok"
     assert report_status(tmp_path, [*good, bad], "some") == "partial"
     assert report_status(tmp_path, [bad], "all") == "failed"
+
+
+# --- profiles, auth choice, TLS report -----------------------------------------------------
+
+def test_a_profile_with_fhir_version_r4b_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[servers.b]\nurl = "http://127.0.0.1:9/fhir"\nfhir_version = "R4B"\n', encoding="utf-8")
+    result = run_cli("check", "--profile", "b", "--config", config)
+    assert result.exit_code == 3, str(result)
+    assert len(result.stderr_lines) == 1 and "R4B" in result.stderr and "'b'" in result.stderr
+    assert "internal error" not in result.stderr
+
+
+def _key(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path = tmp_path / "key.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    return path
+
+
+def test_client_id_and_key_without_auth_mean_smart(tmp_path: Path) -> None:
+    from ruxo_fhir.connect import ServerSettings, auth_kind
+
+    key = _key(tmp_path)
+    assert auth_kind(ServerSettings(url="http://x/fhir", client_id="c", private_key=str(key)), {}) == "smart"
+    assert auth_kind(ServerSettings(url="http://x/fhir", client_id="c"), {}) == "smart"  # then: needs a key
+    assert auth_kind(ServerSettings(url="http://x/fhir"), {}) == "none"
+    assert auth_kind(ServerSettings(url="http://x/fhir", auth="none", client_id="c"), {}) == "none"  # explicit wins
+    result = run_cli("-v", "pull", "--server", f"http://127.0.0.1:{closed_port()}/fhir", "--client-id", "c",
+                     "--private-key", key, "-o", tmp_path / "p.json")
+    assert "SMART Backend Services" in result.stderr, str(result)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "tls-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_check_insecure_says_tls_verification_is_off(tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Once)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/fhir"
+    try:
+        insecure = run_cli("check", "--server", url, "--insecure")
+        tls = [ln for ln in insecure.stdout.splitlines() if "TLS" in ln]
+        assert len(tls) == 1 and "verification OFF" in tls[0] and "[warn]" in tls[0], str(insecure)
+        verified = run_cli("check", "--server", url, "--ca-bundle", cert)
+        tls = [ln for ln in verified.stdout.splitlines() if "TLS" in ln]
+        assert len(tls) == 1 and "[  ok]" in tls[0] and "verified" in tls[0] and "OFF" not in tls[0], str(verified)
+    finally:
+        server.shutdown()
+        server.server_close()

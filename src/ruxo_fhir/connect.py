@@ -5,6 +5,7 @@ never the secret itself.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "RUXO_FHIR_TOKEN"
 PASSWORD_ENV = "RUXO_FHIR_PASSWORD"
@@ -90,6 +93,15 @@ def load_profile(name: str, config: Path | None = None) -> ServerSettings:
         )
     if isinstance(table.get("url"), str):
         check_server_url(str(table["url"]), f"profile {name!r} url")
+    version = table.get("fhir_version")
+    if version is not None:
+        from ruxo_fhir.fhir_version import normalise_version
+
+        try:
+            table["fhir_version"] = normalise_version(str(version))
+        except ValueError:
+            raise InputError(f"profile {name!r}: fhir_version {version!r} is not supported (R4 or R5; "
+                             "an R4B server takes R4 data: write \"R4\")", file=str(path)) from None
     return ServerSettings(**table, profile=name)
 
 
@@ -124,12 +136,27 @@ def resolve_settings(profile: str | None, config: Path | None, **flags: Any) -> 
     return settings
 
 
+def auth_kind(settings: ServerSettings, env: Mapping[str, str]) -> str:
+    """The auth to use: --auth if given; SMART when a client id or key is given; bearer with a token; else none.
+
+    Never silently no auth: --client-id/--private-key without --auth mean SMART Backend Services.
+    """
+    from ruxo_fhir.transport.auth import default_auth_kind
+
+    if settings.auth:
+        return settings.auth
+    if settings.client_id or settings.private_key:
+        logger.info("auth: SMART Backend Services (--client-id/--private-key given without --auth)")
+        return "smart"
+    return "bearer" if env.get(settings.token_env) else default_auth_kind(env)
+
+
 def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None, *, quick: bool = False) -> Any:
     """A transport.FhirClient for the settings; secrets come from the environment only.
 
     `quick`: a short retry budget (a connection check should answer in seconds, not minutes).
     """
-    from ruxo_fhir.transport.auth import auth_from_options, default_auth_kind
+    from ruxo_fhir.transport.auth import auth_from_options
     from ruxo_fhir.transport.rest import FhirClient, RetryPolicy
 
     env = os.environ if env is None else env
@@ -141,7 +168,7 @@ def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None, 
         if not Path(settings.ca_bundle).is_file():
             raise InputError("CA bundle file not found", file=settings.ca_bundle)
         verify = settings.ca_bundle
-    kind = settings.auth or ("bearer" if env.get(settings.token_env) else default_auth_kind(env))
+    kind = auth_kind(settings, env)
     auth = auth_from_options(
         kind,
         token=env.get(settings.token_env),

@@ -147,8 +147,15 @@ def check_server(client: Client, version: FhirVersion, token_info: str | None = 
         return out
     scheme = client.base_url.split(":", 1)[0]
     out.append(CheckLine("reachable", True, f"{client.base_url} answered /metadata"))
-    out.append(CheckLine("TLS", scheme == "https", "verified" if scheme == "https" else "plain http (no TLS)",
-                         needed=False))
+    verify = getattr(client, "verify", True)
+    if scheme != "https":
+        out.append(CheckLine("TLS", False, "plain http (no TLS)", needed=False))
+    elif verify is False:
+        out.append(CheckLine("TLS", False, "certificate verification OFF (--insecure): anyone on the path can "
+                                           "read and change the traffic", needed=False))
+    else:
+        how = f"verified against the CA bundle {verify}" if isinstance(verify, str) else "verified"
+        out.append(CheckLine("TLS", True, how, needed=False))
     server_version = str(caps.get("fhirVersion", "?"))
     try:
         warning = check_version(caps, version)

@@ -315,6 +315,12 @@ class FhirClient:
         self.auth = auth
         # TLS verification stays on unless the caller passes verify=False; a str is a CA bundle path.
         self.verify = verify
+        if verify is False and urlsplit(self.base_url).scheme.lower() == "https":
+            # Said once here, not by urllib3 on every request (one warning per request drowns the output).
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            logger.warning("TLS certificate verification is OFF for %s (--insecure)", redact_url(self.base_url))
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.request_count = 0
