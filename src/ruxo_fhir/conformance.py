@@ -182,10 +182,46 @@ class Invariant:
     names: frozenset[str] = frozenset()
     uses_root: bool = False
 
+    structural: bool = False
+    reads_all: bool = False
+    _memo: dict[Any, bool | None] = field(default_factory=dict)
+    _parts: dict[str, Invariant] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.tokens = _tokens(self.expression)
         self.names = frozenset(t for t in self.tokens if t[:1].isalpha() and t not in _WORD_OPERATORS)
         self.uses_root = any(t in ("%resource", "%rootResource") or t == "resolve" for t in self.tokens)
+        self.structural = _structural(self.tokens)
+        self.reads_all = any(t in ("children", "descendants", "$this", "repeat") for t in self.tokens)
+
+    def verdict(self, node: Node, root: Resource) -> bool | None:
+        """`holds`, memoised (bounded) on what the expression can read: the node's skeleton (keys
+        and list lengths) for a structural invariant, else the values under the names it uses;
+        an invariant that reads %resource is evaluated every time."""
+        if self.uses_root:
+            return self.holds(node, root)
+        if self.structural:
+            key = _skeleton(node)
+        elif self.reads_all:
+            key = _freeze(node)
+        else:
+            key = _project(node, self.names)
+        found = self._memo.get(key, _MISSING)
+        if found is not _MISSING:
+            return found  # type: ignore[return-value]
+        result = self.holds(node, root)
+        if len(self._memo) < _MEMO_LIMIT:
+            self._memo[key] = result
+        return result
+
+    def part(self, tokens: list[str]) -> Invariant:
+        """An operand of this invariant as an invariant of its own (parsed once)."""
+        text = " ".join(tokens)
+        found = self._parts.get(text)
+        if found is None:
+            found = self._parts[text] = Invariant(self.key, self.severity, self.human, text, self.base,
+                                                  self.fhir_version)
+        return found
 
     def holds(self, node: Node, root: Resource) -> bool | None:
         """The invariant's verdict on `node`; None when fhirpathpy cannot evaluate it."""
@@ -210,15 +246,15 @@ class Invariant:
         """True when the invariant holds for every node of the same shape as `node` (same keys,
         list lengths and nesting): it is structural, or an `or`-operand that is structural (or
         an absent path chain ending in .empty()) is true here, or `A implies B` with A false."""
-        if _structural(self.tokens):
-            return bool(self.holds(node, root))
+        if self.structural:
+            return self.verdict(node, root) is not False
         for operand in _split_top(self.tokens, "or"):
             if self._operand_true(_strip_parens(operand), node, root):
                 return True
         implies = _split_top(self.tokens, "implies")
         if len(implies) == 2:
             cond = _strip_parens(implies[0])
-            if _structural(cond) and _evaluate_tokens(self, cond, node, root) is False:
+            if _structural(cond) and self.part(cond).verdict(node, root) is False:
                 return True
         return False
 
@@ -228,13 +264,39 @@ class Invariant:
                                          for k in node):
             return True
         if len(operand) != len(self.tokens) and _structural(operand):
-            return _evaluate_tokens(self, operand, node, root) is True
+            return self.part(operand).verdict(node, root) is True
         return False
 
 
-def _evaluate_tokens(inv: Invariant, tokens: list[str], node: Node, root: Resource) -> bool | None:
-    part = Invariant(inv.key, inv.severity, inv.human, " ".join(tokens), inv.base, inv.fhir_version)
-    return part.holds(node, root)
+_MISSING = object()
+_MEMO_LIMIT = 50_000
+
+
+def _skeleton(value: Any) -> Any:
+    """What a structural invariant can see of a node: keys, nesting and list lengths."""
+    if isinstance(value, dict):
+        return tuple((k, _skeleton(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_skeleton(v) for v in value)
+    return 0
+
+
+def _project(node: Node, names: frozenset[str]) -> tuple[Any, ...]:
+    """The values under the keys of `node` an expression can read (its names, choice keys by
+    their stem), as a hashable tuple: two nodes with equal projections get the same verdict."""
+    out: list[Any] = []
+    for key, value in node.items():
+        if key in names or any(key.startswith(n) and key[len(n):len(n) + 1].isupper() for n in names):
+            out.append((key, _freeze(value)))
+    return tuple(out)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return (type(value).__name__, value)
 
 
 # --- native provers for hot value-dependent invariants -------------------------------------
@@ -373,7 +435,7 @@ class Rules:
             native = NATIVE_PROVERS.get(inv.key)
             if native is not None and native(node, resource):
                 continue
-            verdict = inv.holds(node, resource)
+            verdict = inv.verdict(node, resource)
             if verdict is False:
                 out.append(Finding(loc, inv.key, f"{inv.human} ({inv.expression})",
                                    "error" if inv.severity == "error" else "warning"))

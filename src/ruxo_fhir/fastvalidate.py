@@ -519,7 +519,6 @@ class RuleChecks:
         self.coding_memo = codings
         quantities: set[tuple[Any, Any]] = set()
         systems: set[Any] = set()
-        inv_memo: dict[tuple[Any, ...], bool] = {}
 
         def coding_ok(node: dict[str, Any]) -> bool:
             key = (node.get("system"), node.get("code"))
@@ -555,13 +554,7 @@ class RuleChecks:
             native = conformance.NATIVE_PROVERS.get(invariant.key)
             if native is not None and native(node, root):
                 return True
-            key = None if invariant.uses_root else (invariant.key, invariant.base, _project(node, invariant.names))
-            if key is not None and key in inv_memo:
-                return inv_memo[key]
-            verdict = invariant.holds(node, root) is not False
-            if key is not None and len(inv_memo) < MEMO_LIMIT:
-                inv_memo[key] = verdict
-            return verdict
+            return invariant.verdict(node, root) is not False
 
         self.env: dict[str, Any] = {"_bindp": conformance.binding_problem, "_coding_ok": coding_ok,
                                     "_quantity_ok": quantity_ok, "_idsys_ok": idsys_ok, "_inv": inv}
@@ -572,21 +565,3 @@ def _at(resource: Resource, path: tuple[Any, ...]) -> Any:
     for part in path:
         node = node[part]
     return node
-
-
-def _project(node: dict[str, Any], names: frozenset[str]) -> tuple[Any, ...]:
-    """The values under the keys of `node` an expression can read (its names, choice keys by
-    their stem), as a hashable tuple: two nodes with equal projections get the same verdict."""
-    out: list[Any] = []
-    for key, value in node.items():
-        if key in names or any(key.startswith(n) and key[len(n):len(n) + 1].isupper() for n in names):
-            out.append((key, _freeze(value)))
-    return tuple(out)
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return tuple((k, _freeze(v)) for k, v in value.items())
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return (type(value).__name__, value)
