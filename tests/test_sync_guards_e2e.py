@@ -117,3 +117,21 @@ def test_check_lists_every_type_push_writes(fhir_server: TestFhirServer, state: 
     assert check.exit_code == 0, check
     for kind in type_counts(bundle_resources(bundle)):
         assert any(kind in ln for ln in check.output.splitlines()), (kind, check)
+
+
+def test_no_search_declared_push_works_and_never_skips_on_trust(
+    fhir_server: TestFhirServer, state: Path, tmp_path: Path
+) -> None:
+    """Without `search-type` the ledger cannot see the server's copy: push still writes (it needs
+    only update), says so once, and a re-push sends everything again rather than trusting it."""
+    bundle = import_bundle(EXAMPLE_CSV, tmp_path / "b.json", state)
+    n = len(bundle_resources(bundle))
+    fhir_server.configure(capabilities_omit=["search-type"], bundle_entry_resource=False)
+    for attempt in (1, 2):
+        run = cli("push", bundle, "--server", fhir_server.base_url, state=state)
+        assert run.exit_code == 0, run
+        assert run.summary()["unchanged"] == 0, run
+        assert fhir_server.stats()["write_entries_received"] == attempt * n
+        notes = [ln for ln in run.lines if "declares no search" in ln]
+        assert len(notes) == len(type_counts(bundle_resources(bundle))), run  # once per type
+    assert fhir_server.stats()["by_status"].get("400", 0) == 0  # no search was tried

@@ -268,6 +268,7 @@ class Pusher:
         self.caps = Capabilities.read(statement)
         self.version_guard = DataVersionGuard(self.caps.fhir_version)
         self.checked_types: set[str] = set()
+        self.searchable: dict[str, bool] = {}
         interactions = set(self.caps.system_interactions)
         if self.opt.mode == "transaction" and interactions and "transaction" not in interactions:
             if "batch" not in interactions:
@@ -385,6 +386,8 @@ class Pusher:
     def _read_current(self, keys: Iterable[str], elements: str | None = None) -> Iterator[tuple[str, Resource]]:
         """The server's current copies of `keys`, by `_id` searches of up to 100 ids per type."""
         for kind, ids in _by_type(keys).items():
+            if not self._searchable(kind):
+                continue
             for i in range(0, len(ids), 100):
                 part = ids[i:i + 100]
                 params = {"_id": ",".join(part), "_count": str(len(part))}
@@ -393,6 +396,17 @@ class Pusher:
                 for found in self.client.search(kind, params):
                     if found.get("resourceType") == kind:
                         yield f"{kind}/{found.get('id')}", found
+
+    def _searchable(self, kind: str) -> bool:
+        """Whether the statement allows the `_id` search the ledger check needs for a type; when
+        it does not, that type is always sent (once said), never skipped on trust."""
+        if kind not in self.searchable:
+            missing = self.caps.missing_interactions(kind, ("search-type",))
+            self.searchable[kind] = not missing
+            if missing:
+                self._notice(f"the server declares no search for {kind}: its resources are sent on every "
+                             "push (the ledger cannot check the server's copy)")
+        return self.searchable[kind]
 
     def _read_versions(self, keys: list[str], hashes: dict[str, str]) -> list[tuple[str, Pushed]]:
         """The versions of just-written resources whose replies named none: ONE batched read.
