@@ -179,3 +179,44 @@ def test_check_insecure_says_tls_verification_is_off(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- usage mistakes: exit 2 before any request -------------------------------------------------
+
+class _Counting(_Once):
+    hits = 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).hits += 1
+        super().do_GET()
+
+
+@pytest.mark.parametrize("args", [["pull", "-o", "{tmp}/p.json"], ["push", str(EXAMPLE_CSV)], ["check"]])
+def test_no_server_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    result = invoke(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.exit_code == 2, str(result)
+    assert "no server given" in result.stderr and len(result.stderr_lines) == 1
+
+
+@pytest.mark.parametrize("since", ["yesterday", "2024-13-01", "01/05/2024", "2024-05-01 10:00"])
+def test_a_bad_since_is_exit_2_before_any_request(tmp_path: Path, since: str) -> None:
+    _Counting.hits = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = invoke("pull", "--server", f"http://127.0.0.1:{server.server_address[1]}/fhir",
+                        "-o", tmp_path / "p.json", "--since", since)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 2, str(result)
+    assert "--since" in result.stderr and "FHIR date/time" in result.stderr
+    assert _Counting.hits == 0
+
+
+def test_a_good_since_is_kept() -> None:
+    from ruxo_fhir.sync.pull import PullOptions
+
+    for value in ("2024", "2024-05", "2024-05-01", "2024-05-01T10:00:00Z", "2024-05-01T10:00:00.123+02:00"):
+        assert PullOptions(since=value).since == value

@@ -509,8 +509,8 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
     from ruxo_fhir.bundle import writer_for
     from ruxo_fhir.runreport import RunReport
     from ruxo_fhir.sync.pull import (
-        COHORT_TYPES, PullOptions, PullResult, filter_cohort, pull_cohort, pull_start_time, read_cursor,
-        write_cursor,
+        COHORT_TYPES, PullOptions, PullResult, check_since, filter_cohort, pull_cohort, pull_start_time,
+        read_cursor, write_cursor,
     )
 
     settings = pop_server(kwargs)
@@ -520,6 +520,7 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
     run.set_mapping(mapping)
     if cursor and not since:
         since = read_cursor(cursor)
+    since = check_since(since)  # a usage mistake: exit 2 before any request
     client = client_for(settings)
     result = PullResult()
     writer = writer_for(output, fmt, "collection")

@@ -129,7 +129,7 @@ def resolve_settings(profile: str | None, config: Path | None, **flags: Any) -> 
     base = load_profile(profile, config) if profile else ServerSettings()
     settings = base.merged(**flags)
     if not settings.url:
-        raise RuxoError("no server given: use --server URL or --profile NAME")
+        raise UsageError("no server given: use --server URL or --profile NAME")
     check_server_url(settings.url, "--server" if flags.get("url") else "the server URL")
     if settings.private_key and _looks_like_key_material(settings.private_key):
         raise UsageError("--private-key takes the path of a PEM file, not the key itself")

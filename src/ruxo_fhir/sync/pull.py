@@ -7,6 +7,7 @@ per-resource identifier system. Other people's resources are never pulled into c
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 import orjson
 
 from ruxo_fhir.bundle import atomic_write_bytes
-from ruxo_fhir.errors import InputError
+from ruxo_fhir.errors import InputError, UsageError
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.forward import ForwardMapper
 from ruxo_fhir.mapping.reverse import identifier_value, reference_key, retracted
@@ -42,12 +43,31 @@ class Client(Protocol):
     def request(self, method: str, url_or_path: str, *, check: bool = True) -> Any: ...
 
 
+# A FHIR date/dateTime/instant as _lastUpdated takes it: 2024, 2024-05, 2024-05-01, 2024-05-01T10:00:00Z
+_FHIR_DATETIME = re.compile(
+    r"^\d{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01])(T([01]\d|2[0-3]):[0-5]\d(:([0-5]\d|60)(\.\d{1,9})?)?"
+    r"(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))?)?)?)?$")
+
+
+def check_since(value: str | None) -> str | None:
+    """A --since value must be a FHIR date or instant; refused (exit 2) before any request."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not _FHIR_DATETIME.match(text):
+        raise UsageError(f"--since {value!r} is not a FHIR date/time (e.g. 2024-05-01 or 2024-05-01T00:00:00Z)")
+    return text
+
+
 @dataclass
 class PullOptions:
     since: str | None = None
     patient: str | None = None
     page_size: int | None = None
     max_pages: int | None = None  # per search; None = the client's default (a runaway guard)
+
+    def __post_init__(self) -> None:
+        self.since = check_since(self.since)
 
 
 @dataclass
