@@ -169,8 +169,7 @@ class NdjsonWriter:
         fh = self._files.get(kind)
         if fh is None:
             fh = self._files[kind] = (self._tmp / f"{kind}.ndjson").open("wb")
-        fh.write(orjson.dumps(resource))
-        fh.write(b"\n")
+        fh.write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
 
     def close(self) -> None:
         for fh in self._files.values():

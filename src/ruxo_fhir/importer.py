@@ -182,44 +182,65 @@ def case_resources(
         yield record, resources
 
 
-# --- jobs > 1: worker processes map, validate and serialise -------------------------------
+# --- jobs > 1: worker processes parse, map, validate and serialise ---------------------------
 
-Serialized = list[tuple[str, bytes]]  # (resourceType, orjson bytes) per resource
+Serialized = list[tuple[str, bytes]]  # (resourceType, orjson bytes + newline) per resource
 _Outcome = tuple[Serialized, None] | tuple[None, Problem]
+# What a worker returns per row: the row-local reject, or the record with the outcome of its
+# Patient (None when the mapping writes no Patient) and of its other resources.
+_RowOutcome = Reject | tuple[CaseRecord, _Outcome | None, _Outcome]
+_Rows = list[tuple[int, list[str]]]
 
-_worker_builder: _CaseBuilder | None = None
+_worker_state: tuple[CaseReader, _CaseBuilder] | None = None
 
 
-def _worker_init(mapping: MappingSpec, version: FhirVersion) -> None:
-    global _worker_builder
-    _worker_builder = _CaseBuilder(mapping, version)
+def _worker_init(reader: CaseReader, version: FhirVersion) -> None:
+    global _worker_state
+    _worker_state = (reader, _CaseBuilder(reader.mapping, version))
 
 
 def _serialize(resources: list[Resource]) -> Serialized:
-    dumps = orjson.dumps
-    return [(r["resourceType"], dumps(r)) for r in resources]
+    dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+    return [(r["resourceType"], dumps(r, option=newline)) for r in resources]
 
 
-def _worker_chunk(cases: list[tuple[CaseRecord, bool]]) -> list[_Outcome]:
-    builder = _worker_builder
-    assert builder is not None, "worker not initialised"
-    out: list[_Outcome] = []
-    for record, include in cases:
-        resources, problem = builder.build(record, include)
-        out.append((None, problem) if problem is not None else (_serialize(resources), None))
+def _checked(builder: _CaseBuilder, resources: list[Resource]) -> _Outcome:
+    validate = builder.validator.validate
+    for res in resources:
+        problems = validate(res)
+        if problems:
+            return None, problems[0]
+    return _serialize(resources), None
+
+
+def _worker_rows(rows: _Rows) -> list[_RowOutcome]:
+    """Parse, map, validate and serialise rows. Whether a case carries its Patient is only
+    known in the main process (cross-row), so the Patient is built and judged on its own."""
+    assert _worker_state is not None, "worker not initialised"
+    reader, builder = _worker_state
+    version = builder.version
+    out: list[_RowOutcome] = []
+    for line, fields in rows:
+        item = reader.parse(line, fields)
+        if isinstance(item, Reject):
+            out.append(item)
+            continue
+        resources = [to_version(r, version) for r in builder.mapper.case(item, include_patient=True)]
+        patient: _Outcome | None = None
+        if resources and resources[0]["resourceType"] == "Patient":
+            patient = _checked(builder, resources[:1])
+            resources = resources[1:]
+        out.append((item, patient, _checked(builder, resources)))
     return out
 
 
-def _chunks(items: Iterable[Accepted | Reject], size: int) -> Iterator[list[Accepted | Reject]]:
-    chunk: list[Accepted | Reject] = []
-    accepted = 0
-    for item in items:
-        chunk.append(item)
-        if isinstance(item, Accepted):
-            accepted += 1
-            if accepted >= size:
-                yield chunk
-                chunk, accepted = [], 0
+def _chunks(rows: Iterable[tuple[int, list[str]]], size: int) -> Iterator[_Rows]:
+    chunk: _Rows = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 
@@ -238,57 +259,59 @@ def parallel_case_resources(
 ) -> Iterator[tuple[CaseRecord, Serialized]]:
     """`case_resources` with `jobs` worker processes; yields serialised resources, in row order.
 
-    The main process reads rows and keeps the cross-row index; at most 2 x jobs chunks are in
-    flight, so memory stays flat. Rejects reach `on_reject` in row order, as with one process.
+    The main process only reads CSV rows, keeps the cross-row checks (in file order) and
+    writes; workers parse, map, validate and serialise chunks of rows. At most 2 x jobs chunks
+    are in flight, so memory stays flat. Verdicts, rejects and their order are those of one
+    process.
     """
     pending = _PatientsPending()
-    local: _CaseBuilder | None = None
-    with _pool_context().Pool(jobs, initializer=_worker_init, initargs=(mapping, version)) as pool:
-        inflight: deque[tuple[list[Accepted | Reject], list[bool], AsyncResult[list[_Outcome]]]] = deque()
+    admit = reader.admitter()
+    with _pool_context().Pool(jobs, initializer=_worker_init, initargs=(reader, version)) as pool:
+        inflight: deque[tuple[_Rows, AsyncResult[list[_RowOutcome]]]] = deque()
 
         def drain() -> Iterator[tuple[CaseRecord, Serialized]]:
-            nonlocal local
-            items, sent_include, task = inflight.popleft()
-            outcomes = iter(task.get())
-            flags = iter(sent_include)
-            for item in items:
+            rows, task = inflight.popleft()
+            for (line, fields), outcome in zip(rows, task.get()):
+                item = admit(line, fields, outcome if isinstance(outcome, Reject) else outcome[0])
                 if isinstance(item, Reject):
                     on_reject(item)
                     continue
                 record = item.record
-                data, problem = next(outcomes)
-                sent = next(flags)
+                assert not isinstance(outcome, Reject)
+                _, patient, rest = outcome
                 include = pending.include(item)
-                if include != sent:  # an earlier case of this patient failed: redo it here
-                    local = local or _CaseBuilder(mapping, version)
-                    resources, problem = local.build(record, include)
-                    data = None if problem is not None else _serialize(resources)
+                data: Serialized = []
+                problem: Problem | None = None
+                if include and patient is not None:  # the Patient is validated first, as in one process
+                    patient_data, problem = patient
+                    data = list(patient_data or ())
+                if problem is None:
+                    rest_data, problem = rest
+                    data += rest_data or ()
                 pending.settle(record, include, problem is None)
                 if problem is not None:
                     _reject_accepted(reader, on_reject, record, version, problem)
                     continue
-                assert data is not None
                 yield record, data
 
-        for chunk in _chunks(reader, CHUNK_ROWS):
-            cases = [(item.record, item.new_patient) for item in chunk if isinstance(item, Accepted)]
-            task = pool.apply_async(_worker_chunk, (cases,))
-            inflight.append((chunk, [include for _, include in cases], task))
+        for chunk in _chunks(reader.rows(), CHUNK_ROWS):
+            inflight.append((chunk, pool.apply_async(_worker_rows, (chunk,))))
             while len(inflight) > 2 * jobs:
                 yield from drain()
         while inflight:
             yield from drain()
+    admit.finish()
 
 
 class _RawNdjsonWriter(NdjsonWriter):
-    """NdjsonWriter that also takes resources already serialised by a worker (same bytes)."""
+    """NdjsonWriter that also takes resources already serialised by a worker (same bytes,
+    newline included)."""
 
     def write_raw(self, kind: str, data: bytes) -> None:
         fh = self._files.get(kind)
         if fh is None:
             fh = self._files[kind] = (self._tmp / f"{kind}.ndjson").open("wb")
         fh.write(data)
-        fh.write(b"\n")
 
 
 # --- the import ---------------------------------------------------------------------------

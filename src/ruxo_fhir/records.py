@@ -522,6 +522,35 @@ class Accepted:
     new_patient: bool
 
 
+class Admitter:
+    """Cross-row checks of parsed rows, in file order: duplicate case ids, one sex/birth date
+    per patient, counts and file-level warnings (`finish()` after the last row)."""
+
+    def __init__(self, reader: CaseReader) -> None:
+        self.reader = reader
+        self.index = CrossRowIndex()
+        self.fractions = FractionCheck("improvement_pct")
+
+    def __call__(self, line: int, fields: list[str], item: CaseRecord | Reject) -> Accepted | Reject:
+        report = self.reader.report
+        if isinstance(item, Reject):
+            report.rejected += 1
+            return item
+        try:
+            self.index.check(item)
+        except _RowError as exc:
+            report.rejected += 1
+            return Reject(line, self.reader._values(fields), exc.column, exc.error)
+        self.reader._label_warnings(item)
+        if item.improvement_pct is not None:
+            self.fractions.add(item.improvement_pct)
+        report.accepted += 1
+        return Accepted(item, self.index.add(item))
+
+    def finish(self) -> None:
+        self.fractions.warn(self.reader.report)
+
+
 class CaseReader:
     """Iterates a case CSV (or an .xlsx sheet) as Accepted/Reject items; file-level problems raise InputError.
 
@@ -611,29 +640,14 @@ class CaseReader:
             self.report.warn(f"extra column(s) ignored, kept out of FHIR: {', '.join(unmatched)}")
 
     def __iter__(self) -> Iterator[Accepted | Reject]:
-        index = CrossRowIndex()
-        fractions = FractionCheck("improvement_pct")
-        mapping = self.mapping
-        width = len(self._columns)
-        for start_line, fields in self._data_rows():
-            values = self._values(fields)
-            try:
-                if len(fields) > width and any(f.strip() for f in fields[width:]):
-                    raise _RowError("-", f"row has {len(fields)} fields but the header has {width}")
-                record = parse_row(values, mapping, start_line)
-                index.check(record)
-            except _RowError as exc:
-                self.report.rejected += 1
-                yield Reject(start_line, values, exc.column, exc.error)
-                continue
-            self._label_warnings(record)
-            if record.improvement_pct is not None:
-                fractions.add(record.improvement_pct)
-            self.report.accepted += 1
-            yield Accepted(record, index.add(record))
-        fractions.warn(self.report)
+        admit = self.admitter()
+        for line, fields in self.rows():
+            yield admit(line, fields, self.parse(line, fields))
+        admit.finish()
 
-    def _data_rows(self) -> Iterator[tuple[int, list[str]]]:
+    # The three steps of `__iter__`, separable so `import --jobs` can parse rows in worker
+    # processes (`parse` is row-local) while the main process keeps the cross-row state.
+    def rows(self) -> Iterator[tuple[int, list[str]]]:
         """(source line or sheet row, fields) of every non-blank row after the header."""
         if self.workbook:
             rows = (r for r in sheet_rows(self.path, self.sheet) if any(r[1]))
@@ -661,6 +675,20 @@ class CaseReader:
                                  file=str(self.path), row=last_line + 1) from None
             except UnicodeDecodeError as exc:
                 raise InputError(f"unreadable encoding ({exc.reason})", file=str(self.path)) from None
+
+    def parse(self, line: int, fields: list[str]) -> CaseRecord | Reject:
+        """The row-local checks of one row (no state: safe in a worker process)."""
+        values = self._values(fields)
+        try:
+            if len(fields) > len(self._columns) and any(f.strip() for f in fields[len(self._columns):]):
+                raise _RowError("-", f"row has {len(fields)} fields but the header has {len(self._columns)}")
+            return parse_row(values, self.mapping, line)
+        except _RowError as exc:
+            return Reject(line, values, exc.column, exc.error)
+
+    def admitter(self) -> Admitter:
+        """The cross-row step, in file order (one admitter per pass over the file)."""
+        return Admitter(self)
 
     def _values(self, fields: list[str]) -> dict[str, str]:
         values = dict.fromkeys(CANONICAL_COLUMNS, "")
