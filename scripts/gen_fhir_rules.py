@@ -178,6 +178,32 @@ def build(version: str, defs: list[Json], terms: Terms) -> Json:
             "valuesets": dict(sorted(valuesets.items())), "unchecked_bindings": dict(sorted(unchecked.items()))}
 
 
+def write_parsed(data: Json, path: Path) -> None:
+    """The invariants' FHIRPath parse trees (and those of the operands `ruxo_fhir.conformance`
+    evaluates on their own), as fhirpathpy's parser builds them: parsing is the slow part of a
+    first evaluation (ANTLR in Python), so a process loads them instead. Written deterministically."""
+    import gzip
+
+    import fhirpathpy
+    from fhirpathpy.parser import parse
+
+    from ruxo_fhir.conformance import _split_top, _strip_parens, _tokens
+
+    texts: set[str] = set()
+    for tdata in data["types"].values():
+        for c in tdata["constraints"]:
+            tokens = _tokens(c["expression"])
+            texts.add(c["expression"])
+            for word in ("or", "implies"):
+                parts = _split_top(tokens, word)
+                if len(parts) > 1:
+                    texts.update(" ".join(_strip_parens(p)) for p in parts)
+    trees = {t: parse(t) for t in sorted(texts)}
+    body = json.dumps({"fhirpathpy": fhirpathpy.__version__, "trees": trees}, separators=(",", ":"), sort_keys=True)
+    with path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        gz.write(body.encode("utf-8"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--from", dest="src", type=Path, help="DIR with r4/package and r5/package unpacked")
@@ -208,6 +234,7 @@ def main() -> None:
                       "kept": f"resources {', '.join(RESOURCES)} and the datatypes they use"}
             out = OUT / f"{version}.json"
             out.write_text(json.dumps({"_about": header, **data}, indent=0, sort_keys=False) + "\n")
+            write_parsed(data, OUT / f"{version}.fhirpath.json.gz")
             print(f"{out}: {out.stat().st_size // 1024} KiB, {len(data['types'])} types, "
                   f"{len(data['valuesets'])} value sets, {len(data['unchecked_bindings'])} unchecked bindings",
                   file=sys.stderr)

@@ -144,3 +144,18 @@ def test_the_generated_rules_name_their_source_and_stay_small(version: str) -> N
     assert path.stat().st_size < 200_000
     for kind in ("Patient", "Condition", "MedicationStatement", "Observation", "AdverseEvent", "Period", "Timing"):
         assert rules.knows(kind)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_shipped_parse_trees_are_fhirpathpys_own(version: str) -> None:
+    from fhirpathpy.parser import parse
+
+    from ruxo_fhir.conformance import _parse_trees
+
+    trees = _parse_trees(version)
+    assert trees, "rules/*.fhirpath.json.gz missing or made by another fhirpathpy: rerun scripts/gen_fhir_rules.py"
+    rules = rules_for(version)
+    expressions = {inv.expression for t in rules.types.values() for invs in t.invariants.values() for inv in invs}
+    assert expressions <= set(trees)
+    for text in sorted(expressions)[:10]:
+        assert trees[text] == parse(text)

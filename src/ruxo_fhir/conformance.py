@@ -230,9 +230,11 @@ class Invariant:
         from fhirpathpy.models import models
 
         if self._parsed is None:
-            from fhirpathpy.parser import parse
+            self._parsed = _parse_trees(self.fhir_version).get(self.expression)
+            if self._parsed is None:
+                from fhirpathpy.parser import parse
 
-            self._parsed = parse(self.expression)
+                self._parsed = parse(self.expression)
         model = models["r5" if self.fhir_version == "R5" else "r4"]
         try:
             result = apply_parsed_path(ResourceNode.create_node(node, self.base), self._parsed,
@@ -546,6 +548,25 @@ def _coding_problem(rule: ElementRule, coding: Node, where: str) -> str | None:
     if (coding.get("system"), coding.get("code")) in rule.pairs:
         return None
     return f"{coding.get('system')}#{coding.get('code')} is not in {where}"
+
+
+@lru_cache(maxsize=None)
+def _parse_trees(version: str) -> dict[str, Any]:
+    """Parse trees generated with the rules (rules/<version>.fhirpath.json.gz), when they were
+    made by the fhirpathpy version installed; else {} and expressions are parsed as needed."""
+    import gzip
+
+    import fhirpathpy
+
+    data = importlib_resources.files("ruxo_fhir").joinpath("rules").joinpath(f"{version}.fhirpath.json.gz")
+    try:
+        loaded = json.loads(gzip.decompress(data.read_bytes()))
+    except (OSError, ValueError):
+        return {}
+    if loaded.get("fhirpathpy") != fhirpathpy.__version__:
+        return {}
+    trees: dict[str, Any] = loaded["trees"]
+    return trees
 
 
 @lru_cache(maxsize=None)
