@@ -36,3 +36,24 @@ def test_click_and_requests_stay_at_their_edges() -> None:
 def test_package_type_checks_strict() -> None:
     proc = _run([sys.executable, "-m", "mypy"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_cli_holds_no_orchestration() -> None:
+    """cli.py parses options, calls one `ruxo_fhir.api` function and renders: short functions,
+    no reach into the stages, transport or sync internals."""
+    import ast
+
+    path = ROOT / "src" / "ruxo_fhir" / "cli.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            assert length <= 40, f"cli.py: {node.name} is {length} lines (at most 40: move logic to api.py)"
+        if isinstance(node, ast.ImportFrom) and node.module:
+            allowed = node.module in ("ruxo_fhir", "ruxo_fhir.errors", "ruxo_fhir.logs", "ruxo_fhir.redact",
+                                      "ruxo_fhir.report") or \
+                not node.module.startswith("ruxo_fhir")
+            assert allowed, f"cli.py imports {node.module} (go through ruxo_fhir.api)"
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                assert not alias.name.startswith("ruxo_fhir."), f"cli.py imports {alias.name}"

@@ -11,11 +11,9 @@ from typing import Any, TypeVar
 
 import click
 
-from ruxo_fhir import __version__
+from ruxo_fhir import __version__, api
 from ruxo_fhir.errors import RuxoError
-from ruxo_fhir.fhir_version import FhirVersion, normalise_version
 from ruxo_fhir.logs import setup_logging
-from ruxo_fhir.mapping.spec import MappingSpec, load_mapping
 from ruxo_fhir.redact import install_on_std_streams
 
 log = logging.getLogger("ruxo_fhir.cli")
@@ -96,14 +94,6 @@ def version_option(func: F) -> F:
     )(func)
 
 
-def get_mapping(path: Path | None) -> MappingSpec:
-    return load_mapping(path)
-
-
-def as_version(value: str) -> FhirVersion:
-    return normalise_version(value)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ruxo-fhir")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -139,12 +129,12 @@ def _check_date_formats(ctx: click.Context, param: click.Parameter, value: tuple
     return value
 
 
-def exit_strict(strict: bool, warnings: int) -> None:
-    """With --strict a run that warned ends with exit 1 (its output is still written)."""
-    if strict and warnings:
+def exit_strict(strict: bool, warnings: int, code: int = EXIT_OK) -> None:
+    """Exit with `code`; with --strict a run that warned ends with exit 1 (its output is still written)."""
+    if code == EXIT_OK and strict and warnings:
         click.echo(f"--strict: {warnings} warning(s); exit 1", err=True)
         sys.exit(EXIT_REJECTED)
-    sys.exit(EXIT_OK)
+    sys.exit(code)
 
 
 @cli.command("import")
@@ -184,34 +174,17 @@ def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: P
       ruxo-fhir import export-fr.csv -o b.json --date-format %d/%m/%Y --date-format %m/%Y
       ruxo-fhir import cases.xlsx --sheet Cas -o b.json
     """
-    from ruxo_fhir.importer import import_cases
-    from ruxo_fhir.runreport import RunReport
-
-    run = RunReport.start("import", obj_args={"format": fmt, "fhir_version": fhir_version})
-    mapping = get_mapping(mapping_path)
-    run.add_input(cases)
-    run.set_mapping(mapping)
-    try:
-        result = import_cases(cases, output, mapping=mapping, fmt=fmt, version=as_version(fhir_version),
-                              rejects_path=rejects, jobs=jobs, sheet=sheet, date_formats=date_formats)
-    except RuxoError as exc:
-        run.fail(exc)
-        run.write(report_path)
-        raise
+    result = api.import_file(cases, output, api.ImportOptions(
+        fmt=fmt, mapping=mapping_path, fhir_version=fhir_version, rejects=rejects, report=report_path, jobs=jobs,
+        sheet=sheet, date_formats=date_formats))
     for line in result.report.warning_lines():
         say(f"warning: {line}", obj)
     say(f"wrote {sum(result.resources.values())} resources "
         f"({', '.join(f'{k} {v}' for k, v in sorted(result.resources.items()))}) to {output}", obj)
     if result.report.rejected:
         say(f"rejected rows written to {result.rejects_path}", obj)
-    run.counts.update(accepted=result.report.accepted, rejected=result.report.rejected,
-                      total=result.report.total, **{f"resources.{k}": v for k, v in result.resources.items()})
-    run.warnings.extend(result.report.warning_lines())
-    run.write(report_path)
     click.echo(result.summary_line, err=True)
-    if result.report.rejected:
-        sys.exit(EXIT_REJECTED)
-    exit_strict(strict, len(result.report.warnings))
+    exit_strict(strict, len(result.report.warnings), result.exit_code)
 
 
 # --- validate ---------------------------------------------------------------------------
@@ -235,23 +208,12 @@ def validate_cmd(obj: Ctx, /, file: Path, fhir_version: str, mapping_path: Path 
       ruxo-fhir validate /tmp/bundle.json
       ruxo-fhir validate out/ --fhir-version R5
     """
-    from ruxo_fhir.bundle import iter_resources
-    from ruxo_fhir.validate import Validator
-
-    validator = Validator(as_version(fhir_version))
-    checked = bad = warned = 0
-    for resource in iter_resources(file):
-        checked += 1
-        problems = validator.check(resource)
-        if any(p.severity == "error" for p in problems):
-            bad += 1
-        elif problems:
-            warned += 1
-        for problem in problems:
-            click.echo(str(problem))
-    tail = f", {warned} with warnings only" if warned else ""
-    click.echo(f"validated {checked} resources: {checked - bad} valid, {bad} invalid{tail}", err=True)
-    sys.exit(EXIT_REJECTED if bad else EXIT_OK)
+    result = api.validate(file, api.ValidateOptions(fhir_version=fhir_version,
+                                                    on_problem=lambda p: click.echo(str(p))))
+    tail = f", {result.warned} with warnings only" if result.warned else ""
+    click.echo(f"validated {result.checked} resources: {result.valid} valid, {result.invalid} invalid{tail}",
+               err=True)
+    sys.exit(result.exit_code)
 
 
 # --- export -----------------------------------------------------------------------------
@@ -279,9 +241,7 @@ def export_cmd(obj: Ctx, /, file: Path, output: Path, excel: bool, decimal: str 
       ruxo-fhir export /tmp/bundle.json -o /tmp/cases.csv
       ruxo-fhir export pulled/ -o cases.csv --excel
     """
-    from ruxo_fhir.exporter import export_cases
-
-    result = export_cases(file, output, mapping=get_mapping(mapping_path), excel=excel, decimal=decimal)
+    result = api.export_file(file, output, api.ExportOptions(mapping=mapping_path, excel=excel, decimal=decimal))
     for line in result.warnings:
         say(f"warning: {line}", obj)
     click.echo(f"wrote {result.rows} case rows to {output}", err=True)
@@ -322,59 +282,37 @@ SERVER_KEYS = ("server", "profile", "config_path", "auth", "user", "client_id", 
                "scope", "ca_bundle", "insecure", "timeout")
 
 
-def pop_server(kwargs: dict[str, Any], required: bool = True) -> Any:
+def pop_server(kwargs: dict[str, Any], required: bool = True) -> api.ServerSettings | None:
     """Settings from --profile and flags (flags win); None when no server was asked for."""
-    from ruxo_fhir.connect import resolve_settings
-
     opts = {k: kwargs.pop(k) for k in SERVER_KEYS}
     if not required and not opts["server"] and not opts["profile"]:
         return None
-    return resolve_settings(opts.pop("profile"), opts.pop("config_path"), url=opts.pop("server"), **opts)
+    return api.server_settings(opts.pop("profile"), opts.pop("config_path"), url=opts.pop("server"), **opts)
 
 
-def client_for(settings: Any, *, quick: bool = False) -> Any:
-    from ruxo_fhir.connect import make_client
-
-    return make_client(settings, quick=quick)
+def need_server(kwargs: dict[str, Any]) -> api.ServerSettings:
+    settings = pop_server(kwargs)
+    assert settings is not None
+    return settings
 
 
 class Progress:
     """A one-line counter on a terminal; silent when stderr is not a TTY or with -q."""
 
-    def __init__(self, obj: Ctx, label: str, total: int | None = None) -> None:
+    def __init__(self, obj: Ctx, label: str) -> None:
         self.on = sys.stderr.isatty() and not obj.quiet
         self.label = label
-        self.total = total
         self.done = 0
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int, total: int | None = None) -> None:
         self.done += n
         if self.on:
-            of = f"/{self.total}" if self.total else ""
+            of = f"/{total}" if total else ""
             click.echo(f"\r{self.label} {self.done}{of}", err=True, nl=False)
 
     def close(self) -> None:
         if self.on and self.done:
             click.echo("", err=True)
-
-
-def _push_source(path: Path, mapping: MappingSpec, version: FhirVersion,
-                 case_rows: dict[str, int]) -> tuple[Any, list[Any]]:
-    """Resources to push: a case CSV is mapped on the fly (rows remembered for errors)."""
-    from ruxo_fhir.bundle import iter_push_resources, refuse_spreadsheet
-    from ruxo_fhir.importer import case_resources
-    from ruxo_fhir.records import CaseReader, Reject
-
-    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        rejects: list[Reject] = []
-        out: list[dict[str, Any]] = []
-        for record, resources in case_resources(CaseReader(path, mapping), mapping, version, rejects.append):
-            case_rows[record.case_id] = record.row or 0
-            out.extend(resources)
-        return out, rejects
-    if path.is_file():
-        refuse_spreadsheet(path)  # before any request: a workbook must be imported first
-    return iter_push_resources(path), []  # streamed: ndjson folders are never loaded whole
 
 
 @cli.command("push")
@@ -407,70 +345,46 @@ def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, 
       ruxo-fhir push /tmp/bundle.json --server http://localhost:8080/fhir
       ruxo-fhir push examples/cases.csv --profile sandbox --dry-run
     """
-    from ruxo_fhir.runreport import RunReport
-    from ruxo_fhir.sync.ledger import Ledger
-    from ruxo_fhir.sync.plan import plan_push
-    from ruxo_fhir.sync.push import PushOptions, push
-
-    settings = pop_server(kwargs)
-    version = as_version(settings.fhir_version or fhir_version)
-    mapping = get_mapping(mapping_path)
-    run = RunReport.start("push", {"mode": mode, "batch_size": batch_size, "dry_run": dry_run,
-                                   "fhir_version": version})
-    run.server = settings.url
-    run.add_input(file)
-    run.set_mapping(mapping)
-    case_rows: dict[str, int] = {}
-    resources, rejects = _push_source(file, mapping, version, case_rows)
-    for rej in rejects:
-        say(f"warning: {file}, row {rej.row}: {rej.message} (row not pushed)", obj)
-    client = client_for(settings)
+    settings = need_server(kwargs)
+    progress = Progress(obj, "pushed")
+    options = api.PushOptions(batch_size=batch_size, mode=mode, fhir_version=fhir_version, mapping=mapping_path,
+                              dry_run=dry_run, use_ledger=not no_ledger, report=report_path, on_progress=progress)
     try:
-        if dry_run:
-            plan = plan_push(client, resources, mapping, version, case_rows)
-            for notice in plan.notices:
-                say(f"note: {notice}", obj)
-            click.echo(f"plan for {settings.url} (nothing written; validation: {plan.validated_with}):")
-            for kind in sorted(plan.by_type):
-                c = plan.by_type[kind]
-                click.echo(f"  {kind:<20} create {c['create']:>6}  update {c['update']:>6}  "
-                           f"unchanged {c['unchanged']:>6}")
-            for problem in plan.problems:
-                click.echo(f"  problem: {problem}")
-            t = plan.totals
-            run.counts.update(create=t["create"], update=t["update"], unchanged=t["unchanged"],
-                              problems=len(plan.problems))
-            run.write(report_path)
-            click.echo(f"would create {t['create']}, update {t['update']}, leave {t['unchanged']} unchanged; "
-                       f"{len(plan.problems)} problem(s)", err=True)
-            sys.exit(EXIT_REJECTED if plan.problems else EXIT_OK)
-        options = PushOptions(batch_size=batch_size or settings.batch_size or 200,
-                              mode=mode or "transaction", mode_explicit=mode is not None, version=version,
-                              use_ledger=not no_ledger)
-        progress = Progress(obj, "pushed", len(resources) if isinstance(resources, list) else None)
-        with Ledger() as ledger:
-            try:
-                result = push(client, resources, mapping, options, ledger=ledger, on_progress=progress,
-                              case_rows=case_rows)
-            finally:
-                progress.close()
-    except RuxoError as exc:
-        run.fail(exc)
-        run.write(report_path)
-        raise
+        summary = api.push(file, settings, options)
     finally:
-        client.close()
+        progress.close()
+    for rej in summary.row_rejects:
+        say(f"warning: {file}, row {rej.row}: {rej.message} (row not pushed)", obj)
+    if summary.plan is not None:
+        render_plan(summary, obj)
+    else:
+        render_push(summary, obj)
+    sys.exit(summary.exit_code)
+
+
+def render_plan(summary: api.PushSummary, obj: Ctx) -> None:
+    plan = summary.plan
+    assert plan is not None
+    for notice in plan.notices:
+        say(f"note: {notice}", obj)
+    click.echo(f"plan for {summary.server} (nothing written; validation: {plan.validated_with}):")
+    for kind in sorted(plan.by_type):
+        c = plan.by_type[kind]
+        click.echo(f"  {kind:<20} create {c['create']:>6}  update {c['update']:>6}  unchanged {c['unchanged']:>6}")
+    for problem in plan.problems:
+        click.echo(f"  problem: {problem}")
+    t = plan.totals
+    click.echo(f"would create {t['create']}, update {t['update']}, leave {t['unchanged']} unchanged; "
+               f"{len(plan.problems)} problem(s)", err=True)
+
+
+def render_push(summary: api.PushSummary, obj: Ctx) -> None:
+    result = summary.result
+    assert result is not None
     for line in result.errors:
         say(f"rejected: {line}", obj)
-    run.counts.update(created=result.created, updated=result.updated, unchanged=result.unchanged,
-                      rejected=result.rejected, total=result.total, requests=client.request_count,
-                      rows_rejected=len(rejects))
-    run.warnings.extend(result.notices)
-    run.errors.extend(result.errors)
-    run.write(report_path)
-    say(f"mode {result.mode}, {result.bundles_sent} bundle(s), {client.request_count} request(s)", obj)
+    say(f"mode {result.mode}, {result.bundles_sent} bundle(s), {summary.requests} request(s)", obj)
     click.echo(result.summary_line, err=True)
-    sys.exit(EXIT_REJECTED if result.rejected or rejects else EXIT_OK)
 
 
 @cli.command("pull")
@@ -492,8 +406,8 @@ def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, 
 @click.pass_obj
 @handles_errors
 def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Path | None, patient: str | None,
-             bulk: bool, page_size: int | None, max_pages: int | None, mapping_path: Path | None, report_path: Path | None,
-             **kwargs: Any) -> None:
+             bulk: bool, page_size: int | None, max_pages: int | None, mapping_path: Path | None,
+             report_path: Path | None, **kwargs: Any) -> None:
     """Pull the cohort (and only the cohort) from a FHIR server.
 
     The cohort is the MedicationStatements carrying the mapping's case identifier system and
@@ -506,69 +420,18 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
       ruxo-fhir pull --profile ehr -o nightly/ --format ndjson --cursor state/ehr.cursor
       ruxo-fhir pull --server URL -o out/ --format ndjson --bulk
     """
-    from ruxo_fhir.bundle import writer_for
-    from ruxo_fhir.runreport import RunReport
-    from ruxo_fhir.sync.pull import (
-        COHORT_TYPES, PullOptions, PullResult, check_since, filter_cohort, pull_cohort, pull_start_time,
-        read_cursor, write_cursor,
-    )
-
-    settings = pop_server(kwargs)
-    mapping = get_mapping(mapping_path)
-    run = RunReport.start("pull", {"format": fmt, "since": since, "bulk": bulk, "patient": bool(patient)})
-    run.server = settings.url
-    run.set_mapping(mapping)
-    if cursor and not since:
-        since = read_cursor(cursor)
-    since = check_since(since)  # a usage mistake: exit 2 before any request
-    client = client_for(settings)
-    result = PullResult()
-    writer = writer_for(output, fmt, "collection")
+    settings = need_server(kwargs)
     progress = Progress(obj, "pulled")
+    options = api.PullOptions(fmt=fmt, since=since, cursor=cursor, patient=patient, bulk=bulk, page_size=page_size,
+                              max_pages=max_pages, mapping=mapping_path, report=report_path, on_progress=progress)
     try:
-        started = pull_start_time(client)
-        if bulk:
-            import tempfile
-
-            from ruxo_fhir.bundle import iter_resources
-            from ruxo_fhir.transport.bulk import bulk_export_to_dir
-
-            with tempfile.TemporaryDirectory(prefix="ruxo-bulk-") as tmp:
-                bulk_export_to_dir(client, list(COHORT_TYPES), since, tmp)
-
-                def by_type(kind: str) -> Any:
-                    f = Path(tmp) / f"{kind}.ndjson"
-                    return iter_resources(f) if f.exists() else iter(())
-
-                for res in filter_cohort(by_type, mapping, result):
-                    writer.write(res)
-                    progress(1)
-        else:
-            opts = PullOptions(since=since, patient=patient, page_size=page_size, max_pages=max_pages)
-            for res in pull_cohort(client, mapping, opts, result):
-                writer.write(res)
-                progress(1)
-        writer.close()
-    except BaseException as exc:
-        writer.abort()
-        if isinstance(exc, RuxoError):
-            run.fail(exc)
-            run.write(report_path)
-        raise
+        summary = api.pull(settings, output, options)
     finally:
         progress.close()
-        client.close()
-    if cursor:
-        write_cursor(cursor, settings.url, started)
-    for w in result.warnings:
+    for w in summary.result.warnings:
         say(f"warning: {w}", obj)
-    run.counts.update({f"pulled.{k}": v for k, v in result.counts.items()})
-    run.counts["requests"] = client.request_count
-    run.warnings.extend(result.warnings)
-    run.write(report_path)
-    total = sum(result.counts.values())
-    detail = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
-    click.echo(f"pulled {total} resources ({detail or 'none'}) to {output}", err=True)
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(summary.result.counts.items()))
+    click.echo(f"pulled {summary.total} resources ({detail or 'none'}) to {output}", err=True)
 
 
 @cli.command("outcomes")
@@ -602,77 +465,40 @@ def outcomes_cmd(obj: Ctx, /, source: Path | None, fmt: str | None, plot_path: P
       ruxo-fhir outcomes /tmp/bundle.json --format json --plot /tmp/outcomes.png
       ruxo-fhir outcomes --server http://localhost:8080/fhir --write-back
     """
-    from ruxo_fhir.importer import source_resources
-    from ruxo_fhir.outcomes import compute_outcomes, response_observation
-    from ruxo_fhir.records import Reject
-    from ruxo_fhir.report import plot, render
-
     settings = pop_server(kwargs, required=False)
     if (source is None) == (settings is None):
         raise click.UsageError("give either SOURCE or --server/--profile")
     bundle_out = write_back and settings is None  # -o is then the write-back bundle
+    if bundle_out and output is None:
+        raise click.UsageError("--write-back with a file SOURCE needs -o BUNDLE")
     if bundle_out and fmt == "html" and output is not None:
         raise click.UsageError("with --write-back and a file SOURCE, -o is the write-back bundle: "
                                "write the HTML report in a run without --write-back")
-    mapping = get_mapping(mapping_path)
-    fmt = fmt or ("table" if sys.stdout.isatty() else "json")
-    client = None
-    rejects: list[Reject] = []
-    try:
-        if settings is not None:
-            from ruxo_fhir.sync.pull import pull_cohort
+    options = api.OutcomesOptions(
+        mapping=mapping_path, plot=plot_path, write_back=write_back, output=output if bundle_out else None,
+        report_format=fmt or ("table" if sys.stdout.isatty() else "json"),
+        report_path=None if bundle_out else output)
+    summary = api.outcomes(source, settings, options)
+    render_outcomes(summary, obj)
+    exit_strict(strict, len(summary.cohort.warnings), summary.exit_code)
 
-            client = client_for(settings)
-            result = compute_outcomes(pull_cohort(client, mapping), mapping)
-        else:
-            assert source is not None
-            result = compute_outcomes(source_resources(source, mapping, rejects=rejects), mapping)
-        for rej in rejects:
-            result.warnings.append(f"row {rej.row} rejected ({rej.message}); not in the outcomes")
-        for w in result.warnings:
-            log.info("data quality: %s", w)
-        displays = {label: spec.display for label, spec in mapping.indications.items()}
-        text = render(result, fmt, displays=displays)
-        if output is not None and not bundle_out:
-            from ruxo_fhir.bundle import atomic_write_bytes
 
-            atomic_write_bytes(output, text.encode("utf-8"))
-            say(f"{fmt} report written to {output}", obj)
-        else:
-            click.echo(text, nl=False)
-        if plot_path:
-            plot(result, plot_path)
-            say(f"plot written to {plot_path}", obj)
-        if write_back:
-            derived = [o for o in (response_observation(c, mapping) for c in result.cases) if o]
-            if client is not None:
-                from ruxo_fhir.sync.ledger import Ledger
-                from ruxo_fhir.sync.push import PushOptions, push
-
-                with Ledger() as ledger:
-                    pushed = push(client, derived, mapping, PushOptions(), ledger=ledger)
-                say(f"write-back: {pushed.summary_line}", obj)
-                if pushed.rejected:
-                    for line in pushed.errors:
-                        say(f"rejected: {line}", obj)
-                    sys.exit(EXIT_REJECTED)
-            else:
-                if output is None:
-                    raise click.UsageError("--write-back with a file SOURCE needs -o BUNDLE")
-                from ruxo_fhir.bundle import BundleWriter
-
-                bw = BundleWriter(output, "transaction")
-                for o in derived:
-                    bw.write(o)
-                bw.close()
-                say(f"write-back: {len(derived)} response Observation(s) written to {output}", obj)
-    finally:
-        if client is not None:
-            client.close()
-    if not result.cases:
+def render_outcomes(summary: api.OutcomesSummary, obj: Ctx) -> None:
+    if summary.report_path is not None:
+        say(f"{summary.report_format} report written to {summary.report_path}", obj)
+    else:
+        click.echo(summary.report_text, nl=False)
+    if summary.plot:
+        say(f"plot written to {summary.plot}", obj)
+    if summary.pushed is not None:
+        say(f"write-back: {summary.pushed.summary_line}", obj)
+        if summary.pushed.rejected:
+            for line in summary.pushed.errors:
+                say(f"rejected: {line}", obj)
+    elif summary.written is not None:
+        say(f"write-back: {summary.written} response Observation(s) written to {summary.output}", obj)
+    if not summary.cohort.cases:
         click.echo("no cohort case in the source: nothing to evaluate (see the warnings)", err=True)
-        sys.exit(EXIT_REJECTED)
-    exit_strict(strict, len(result.warnings))
 
 
 @cli.command("check")
@@ -691,39 +517,17 @@ def check_cmd(obj: Ctx, /, fhir_version: str, **kwargs: Any) -> None:
       ruxo-fhir check --server http://localhost:8080/fhir
       ruxo-fhir check --profile sandbox
     """
-    from ruxo_fhir.sync.plan import check_server
-
-    settings = pop_server(kwargs)
-    version = as_version(settings.fhir_version or fhir_version)
-    client = client_for(settings, quick=True)
-    token_info = None
-    try:
-        auth = client.auth
-        if auth is not None and hasattr(auth, "access_token") and callable(getattr(auth, "access_token")):
-            try:
-                auth.access_token()
-                expires = float(getattr(auth, "_expires_at", 0.0) or 0.0)
-                import time as _time
-
-                left = f" (expires in {expires - _time.time():.0f} s)" if expires else ""
-                token_info = f"SMART token obtained from {auth.token_endpoint}{left}"
-            except RuxoError as exc:
-                token_info = None
-                click.echo(f"  [FAIL] auth: {exc}")
-                sys.exit(EXIT_SERVER)
-        lines = check_server(client, version, token_info)
-    finally:
-        client.close()
-    for line in lines:
+    summary = api.check(need_server(kwargs), api.CheckOptions(fhir_version=fhir_version))
+    if summary.auth_failure is not None:
+        click.echo(f"  [FAIL] auth: {summary.auth_failure}")
+        sys.exit(summary.exit_code)
+    for line in summary.lines:
         mark = "ok" if line.ok else ("FAIL" if line.needed else "warn")
         click.echo(f"  [{mark:>4}] {line.item}: {line.detail}")
-    if any(not ln.ok and ln.item in ("reachable", "auth") for ln in lines):
-        click.echo("server not usable (see above)", err=True)
-        sys.exit(EXIT_SERVER)
-    if any(not ln.ok and ln.needed for ln in lines):
-        click.echo("server lacks something push/pull need (see above)", err=True)
-        sys.exit(EXIT_CAPABILITY)
-    click.echo("server is usable for push and pull", err=True)
+    verdict = {0: "server is usable for push and pull", 4: "server not usable (see above)",
+               5: "server lacks something push/pull need (see above)"}
+    click.echo(verdict[summary.exit_code], err=True)
+    sys.exit(summary.exit_code)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
@@ -21,6 +21,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+if TYPE_CHECKING:
+    from ruxo_fhir.transport.rest import FhirClient
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +154,8 @@ def auth_kind(settings: ServerSettings, env: Mapping[str, str]) -> str:
     return "bearer" if env.get(settings.token_env) else default_auth_kind(env)
 
 
-def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None, *, quick: bool = False) -> Any:
+def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None, *,
+                quick: bool = False) -> FhirClient:
     """A transport.FhirClient for the settings; secrets come from the environment only.
 
     `quick`: a short retry budget (a connection check should answer in seconds, not minutes).

@@ -47,6 +47,11 @@ class ImportResult:
         r = self.report
         return f"accepted {r.accepted}, rejected {r.rejected}, total {r.total}"
 
+    @property
+    def exit_code(self) -> int:
+        """0 when every row was accepted, 1 when some were rejected (README's exit codes)."""
+        return 1 if self.report.rejected else 0
+
 
 def default_rejects_path(source: Path, output: Path) -> Path:
     """`<input stem>.rejects.csv` beside the output."""
@@ -393,16 +398,32 @@ def import_cases(
     return result
 
 
+CASE_SHEET_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def is_case_sheet(path: str | Path) -> bool:
+    """A case CSV (mapped on the fly) rather than a Bundle or an ndjson folder (read as FHIR)."""
+    p = Path(path)
+    return p.is_file() and p.suffix.lower() in CASE_SHEET_SUFFIXES
+
+
 def source_resources(source: str | Path, mapping: MappingSpec, *, version: FhirVersion = "R4",
-                     rejects: list[Reject] | None = None) -> Iterator[Resource]:
-    """Resources from any source: a case CSV is mapped in memory, a Bundle/ndjson is read."""
+                     rejects: list[Reject] | None = None,
+                     case_rows: dict[str, int] | None = None) -> Iterator[Resource]:
+    """Resources from any source: a case CSV is mapped in memory, a Bundle/ndjson is read.
+
+    `rejects` collects the CSV rows that could not be mapped; `case_rows` remembers the source
+    row of each case so later errors (e.g. a server refusal) can name it.
+    """
     from ruxo_fhir.bundle import iter_resources
 
     path = Path(source)
-    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+    if is_case_sheet(path):
         reader = CaseReader(path, mapping)
         sink: list[Reject] = rejects if rejects is not None else []
-        for _record, resources in case_resources(reader, mapping, version, sink.append):
+        for record, resources in case_resources(reader, mapping, version, sink.append):
+            if case_rows is not None:
+                case_rows[record.case_id] = record.row or 0
             yield from resources
         return
     yield from iter_resources(path)

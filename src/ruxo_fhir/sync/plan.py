@@ -30,7 +30,8 @@ class Client(Protocol):
 
     def search(self, resource_type: str, params: dict[str, str]) -> Any: ...
 
-    def request(self, method: str, url_or_path: str, **kwargs: Any) -> Any: ...
+    def request(self, method: str, url_or_path: str, *, json: Any = None, idempotent: bool | None = None,
+                check: bool = True) -> Any: ...
 
 
 @dataclass

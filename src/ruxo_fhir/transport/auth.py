@@ -231,6 +231,11 @@ class SmartBackendAuth(requests.auth.AuthBase):
             assert self._token is not None
             return self._token
 
+    def expires_in(self) -> float | None:
+        """Seconds until the cached token expires; None before the first token."""
+        with self._lock:
+            return self._expires_at - self._clock() if self._expires_at else None
+
     def refresh(self) -> None:
         """Forget the cached token and fetch a new one now."""
         with self._lock:
