@@ -16,6 +16,13 @@ resource is invalid; it only proves some resources valid, and everything else go
    certainly accepts it, and answers "not sure" otherwise (a leap second, a non-ASCII code, an
    id pattern changed in fhir_core.constraints, ...). "Not sure" sends the resource to the model.
 
+4. The spec's rules (`ruxo_fhir.conformance`) are compiled into the same shape check when the
+   model and the rules accepted the first resource of the shape: what the shape decides
+   (cardinality, ele-1/ext-1, invariants `Invariant.shape_proof` proves) costs nothing later;
+   bound codes, terminology warnings (memo per distinct value) and the other invariants (native
+   provers, else fhirpathpy memoised on the values read) are checked per resource, and a failure
+   there answers "not sure", so the slow path words the finding.
+
 The verdict is therefore the model's verdict, only cheaper; the problems reported for an
 invalid resource always come from the model. The primitive type of each element is read from
 the model classes' field annotations (cached per class), not from a hand-written table. Element
