@@ -5,7 +5,8 @@ from pathlib import Path
 
 from helpers import EXAMPLE_CSV, invoke
 
-from ruxo_fhir.progress import ProgressLine, count_items, progress_text
+from ruxo_fhir.logs import ProgressLine, progress_text
+from ruxo_fhir.progress import count_items
 
 
 def test_text_has_total_percent_rate_and_eta() -> None:

@@ -81,7 +81,7 @@ def _report_failure(run: RunReport, path: Path | None, exc: BaseException) -> No
 class ImportOptions:
     fmt: str = "bundle"  # "bundle" | "ndjson"
     mapping: MappingLike = None
-    fhir_version: str = "R4"
+    fhir_version: str | None = None  # None: R4
     rejects: Path | None = None  # default: <input stem>.rejects.csv beside the output
     report: Path | None = None  # JSON run report
     jobs: int = 1
@@ -96,13 +96,13 @@ def import_file(cases: str | Path, output: str | Path, options: ImportOptions | 
     from ruxo_fhir.runreport import RunReport
 
     opt = options or ImportOptions()
-    run = RunReport.start("import", obj_args={"format": opt.fmt, "fhir_version": opt.fhir_version})
+    run = RunReport.start("import", obj_args={"format": opt.fmt, "fhir_version": opt.fhir_version or "R4"})
     mapping = _mapping(opt.mapping)
     run.add_input(Path(cases))
     run.set_mapping(mapping)
     try:
         result = import_cases(cases, output, mapping=mapping, fmt=opt.fmt,
-                              version=normalise_version(opt.fhir_version), rejects_path=opt.rejects, jobs=opt.jobs,
+                              version=normalise_version(opt.fhir_version or "R4"), rejects_path=opt.rejects, jobs=opt.jobs,
                               sheet=opt.sheet, date_formats=opt.date_formats)
     except RuxoError as exc:
         _report_failure(run, opt.report, exc)
@@ -118,7 +118,7 @@ def import_file(cases: str | Path, output: str | Path, options: ImportOptions | 
 
 @dataclass
 class ValidateOptions:
-    fhir_version: str = "R4"
+    fhir_version: str | None = None  # None: R4
     on_problem: Callable[[Problem], None] | None = None  # streamed; else collected in the result
 
 
@@ -145,7 +145,7 @@ def validate(file: str | Path, options: ValidateOptions | None = None) -> Valida
     from ruxo_fhir.fhir_version import normalise_version
 
     opt = options or ValidateOptions()
-    validator = Validator(normalise_version(opt.fhir_version))
+    validator = Validator(normalise_version(opt.fhir_version or "R4"))
     result = ValidateResult()
     report = opt.on_problem or result.problems.append
     for resource in iter_resources(file):
@@ -183,7 +183,7 @@ def export_file(file: str | Path, output: str | Path, options: ExportOptions | N
 class PushOptions:
     batch_size: int | None = None  # default: the profile's, else 200
     mode: str | None = None  # None: transaction, switching to batch on a batch-only server
-    fhir_version: str = "R4"  # the profile's fhir_version wins
+    fhir_version: str | None = None  # given: beats the profile's fhir_version; neither: R4
     mapping: MappingLike = None
     dry_run: bool = False
     use_ledger: bool = True
@@ -229,7 +229,7 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
     from ruxo_fhir.runreport import RunReport
     
     opt = options or PushOptions()
-    version = normalise_version(server.fhir_version or opt.fhir_version)
+    version = normalise_version(opt.fhir_version or server.fhir_version or "R4")
     mapping = _mapping(opt.mapping)
     run = RunReport.start("push", {"mode": opt.mode, "batch_size": opt.batch_size, "dry_run": opt.dry_run,
                                    "fhir_version": version})
@@ -244,7 +244,7 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
         if opt.dry_run:
             _dry_run(client, resources, mapping, version, case_rows, summary, run)
         else:
-            _push(client, resources, mapping, version, case_rows, opt, server, summary, run)
+            _push(client, resources, mapping, version, case_rows, opt, server, summary, run, Path(file))
     except RuxoError as exc:
         _report_failure(run, opt.report, exc)
         raise
@@ -266,7 +266,7 @@ def _dry_run(client: FhirClient, resources: Iterable[Resource], mapping: Mapping
 
 def _push(client: FhirClient, resources: Iterable[Resource], mapping: MappingSpec, version: FhirVersion,
           case_rows: dict[str, int], opt: PushOptions, server: ServerSettings, summary: PushSummary,
-          run: RunReport) -> None:
+          run: RunReport, source: Path) -> None:
     from ruxo_fhir.sync.ledger import Ledger
     from ruxo_fhir.sync.push import PushOptions as SyncPushOptions
     from ruxo_fhir.sync.push import push as sync_push
@@ -274,8 +274,12 @@ def _push(client: FhirClient, resources: Iterable[Resource], mapping: MappingSpe
     options = SyncPushOptions(batch_size=opt.batch_size or server.batch_size or 200,
                                     mode=opt.mode or "transaction", mode_explicit=opt.mode is not None,
                                     version=version, use_ledger=opt.use_ledger)
-    total = len(resources) if isinstance(resources, list) else None
-    progress = _progress(opt.on_progress, total)
+    progress = None
+    if opt.on_progress is not None:  # a total for every input kind: a list, a Bundle, an ndjson folder
+        from ruxo_fhir.progress import count_items
+
+        total = len(resources) if isinstance(resources, list) else count_items(source)
+        progress = _progress(opt.on_progress, total)
     with Ledger(opt.ledger_path) as ledger:
         result = summary.result = sync_push(client, resources, mapping, options, ledger=ledger,
                                                  on_progress=progress, case_rows=case_rows)
@@ -511,7 +515,7 @@ def _write_back(summary: OutcomesSummary, client: FhirClient | None, mapping: Ma
 
 @dataclass
 class CheckOptions:
-    fhir_version: str = "R4"  # the profile's fhir_version wins
+    fhir_version: str | None = None  # given: beats the profile's fhir_version; neither: R4
 
 
 @dataclass
@@ -542,7 +546,7 @@ def check(server: ServerSettings, options: CheckOptions | None = None) -> CheckS
     from ruxo_fhir.fhir_version import normalise_version
 
     opt = options or CheckOptions()
-    version = normalise_version(server.fhir_version or opt.fhir_version)
+    version = normalise_version(opt.fhir_version or server.fhir_version or "R4")
     summary = CheckSummary(server=server.url or "")
     client = make_client(server, quick=True)
     try:

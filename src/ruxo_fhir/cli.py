@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import click
 
 from ruxo_fhir import __version__, api
 from ruxo_fhir.errors import RuxoError
-from ruxo_fhir.logs import setup_logging
+from ruxo_fhir.logs import ProgressLine, setup_logging, status_line
 from ruxo_fhir.redact import install_on_std_streams
 
 log = logging.getLogger("ruxo_fhir.cli")
@@ -34,14 +35,21 @@ class Ctx:
         return self.verbosity < 0
 
 
+def tell(message: str, *, level: str = "info") -> None:
+    """A summary or error line on stderr: plain, or JSON like the log lines with --log-format json."""
+    current = click.get_current_context(silent=True)
+    obj = current.find_object(Ctx) if current is not None else None
+    click.echo(status_line(message, obj.log_format if obj else "plain", level=level), err=True)
+
+
 def say(message: str, ctx: Ctx | None = None) -> None:
     """A human message on stderr, dropped with -q."""
     if ctx is None or not ctx.quiet:
-        click.echo(message, err=True)
+        tell(message, level="warning" if message.startswith(("warning:", "rejected:")) else "info")
 
 
 def fail(exc: RuxoError) -> None:
-    click.echo(f"error: {exc}", err=True)
+    tell(f"error: {exc}", level="error")
     sys.exit(exc.exit_code)
 
 
@@ -59,10 +67,10 @@ def handles_errors(func: F) -> F:
             sys.exit(0)
         except OSError as exc:  # e.g. an output folder that is a file, a full disk, no permission
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"error: {where}cannot read or write ({exc.strerror or type(exc).__name__})", err=True)
+            tell(f"error: {where}cannot read or write ({exc.strerror or type(exc).__name__})", level="error")
             sys.exit(EXIT_INPUT)
         except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+            tell("error: interrupted", level="error")
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -73,8 +81,8 @@ def handles_errors(func: F) -> F:
                 install_on_std_streams()  # the traceback is redacted like every other line
                 traceback.print_exc(file=sys.stderr)
                 sys.exit(70)
-            click.echo(f"error: internal error ({type(exc).__name__}); rerun with RUXO_FHIR_DEBUG=1 "
-                       "for details and please report it", err=True)
+            tell(f"error: internal error ({type(exc).__name__}); rerun with RUXO_FHIR_DEBUG=1 "
+                       "for details and please report it", level="error")
             sys.exit(70)
 
     return wrapper  # type: ignore[return-value]
@@ -90,11 +98,38 @@ def mapping_option(func: F) -> F:
 def version_option(func: F) -> F:
     return click.option(
         "--fhir-version", "fhir_version", type=click.Choice(["R4", "R5"], case_sensitive=False),
-        default="R4", show_default=True, help="FHIR version of the output (R4 is the primary target).",
+        default=None, help="FHIR version (default: the profile's, else R4, the primary target). "
+                           "Given, it beats the profile's.",
     )(func)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+_GLOBAL_FLAGS = re.compile(r"^(-v+|--verbose|-q|--quiet|--log-format=.*)$")
+
+
+class _Group(click.Group):
+    """Takes -v, -q and --log-format after the subcommand too (`ruxo-fhir import ... -q`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        front: list[str] = []
+        rest: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest += args[i:]
+                break
+            if _GLOBAL_FLAGS.match(arg):
+                front.append(arg)
+            elif arg == "--log-format" and i + 1 < len(args):
+                front += args[i:i + 2]
+                i += 1
+            else:
+                rest.append(arg)
+            i += 1
+        return super().parse_args(ctx, [*front, *rest])
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ruxo-fhir")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and the final summary line.")
@@ -132,7 +167,7 @@ def _check_date_formats(ctx: click.Context, param: click.Parameter, value: tuple
 def exit_strict(strict: bool, warnings: int, code: int = EXIT_OK) -> None:
     """Exit with `code`; with --strict a run that warned ends with exit 1 (its output is still written)."""
     if code == EXIT_OK and strict and warnings:
-        click.echo(f"--strict: {warnings} warning(s); exit 1", err=True)
+        tell(f"--strict: {warnings} warning(s); exit 1")
         sys.exit(EXIT_REJECTED)
     sys.exit(code)
 
@@ -158,7 +193,7 @@ def exit_strict(strict: bool, warnings: int, code: int = EXIT_OK) -> None:
 @click.pass_obj
 @handles_errors
 def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: Path | None,
-               fhir_version: str, rejects: Path | None, report_path: Path | None, jobs: int,
+               fhir_version: str | None, rejects: Path | None, report_path: Path | None, jobs: int,
                sheet: str | None, date_formats: tuple[str, ...], strict: bool) -> None:
     """Map a case-record CSV or .xlsx workbook to validated FHIR resources.
 
@@ -183,7 +218,7 @@ def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: P
         f"({', '.join(f'{k} {v}' for k, v in sorted(result.resources.items()))}) to {output}", obj)
     if result.report.rejected:
         say(f"rejected rows written to {result.rejects_path}", obj)
-    click.echo(result.summary_line, err=True)
+    tell(result.summary_line)
     exit_strict(strict, len(result.report.warnings), result.exit_code)
 
 
@@ -195,7 +230,7 @@ def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: P
 @mapping_option
 @click.pass_obj
 @handles_errors
-def validate_cmd(obj: Ctx, /, file: Path, fhir_version: str, mapping_path: Path | None) -> None:
+def validate_cmd(obj: Ctx, /, file: Path, fhir_version: str | None, mapping_path: Path | None) -> None:
     """Validate every resource in a Bundle JSON or an ndjson folder.
 
     Checks structure and datatypes, cardinality, the spec's required bindings and invariants
@@ -211,8 +246,7 @@ def validate_cmd(obj: Ctx, /, file: Path, fhir_version: str, mapping_path: Path 
     result = api.validate(file, api.ValidateOptions(fhir_version=fhir_version,
                                                     on_problem=lambda p: click.echo(str(p))))
     tail = f", {result.warned} with warnings only" if result.warned else ""
-    click.echo(f"validated {result.checked} resources: {result.valid} valid, {result.invalid} invalid{tail}",
-               err=True)
+    tell(f"validated {result.checked} resources: {result.valid} valid, {result.invalid} invalid{tail}")
     sys.exit(result.exit_code)
 
 
@@ -244,7 +278,7 @@ def export_cmd(obj: Ctx, /, file: Path, output: Path, excel: bool, decimal: str 
     result = api.export_file(file, output, api.ExportOptions(mapping=mapping_path, excel=excel, decimal=decimal))
     for line in result.warnings:
         say(f"warning: {line}", obj)
-    click.echo(f"wrote {result.rows} case rows to {output}", err=True)
+    tell(f"wrote {result.rows} case rows to {output}")
 
 
 # --- server commands --------------------------------------------------------------------
@@ -297,22 +331,19 @@ def need_server(kwargs: dict[str, Any]) -> api.ServerSettings:
 
 
 class Progress:
-    """A one-line counter on a terminal; silent when stderr is not a TTY or with -q."""
+    """Done/total, percent, rate and ETA on one terminal line; silent when stderr is not a TTY or with -q."""
 
     def __init__(self, obj: Ctx, label: str) -> None:
         self.on = sys.stderr.isatty() and not obj.quiet
-        self.label = label
-        self.done = 0
+        self.line = ProgressLine(label, lambda text: click.echo(text, err=True, nl=False))
 
     def __call__(self, n: int, total: int | None = None) -> None:
-        self.done += n
         if self.on:
-            of = f"/{total}" if total else ""
-            click.echo(f"\r{self.label} {self.done}{of}", err=True, nl=False)
+            self.line(n, total)
 
     def close(self) -> None:
-        if self.on and self.done:
-            click.echo("", err=True)
+        if self.on:
+            self.line.close()
 
 
 @cli.command("push")
@@ -330,7 +361,7 @@ class Progress:
               help="Write a JSON run report.")
 @click.pass_obj
 @handles_errors
-def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, fhir_version: str,
+def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, fhir_version: str | None,
              mapping_path: Path | None, dry_run: bool, no_ledger: bool, report_path: Path | None,
              **kwargs: Any) -> None:
     """Push a Bundle, an ndjson folder or a case CSV to a FHIR server, idempotently.
@@ -374,8 +405,8 @@ def render_plan(summary: api.PushSummary, obj: Ctx) -> None:
     for problem in plan.problems:
         click.echo(f"  problem: {problem}")
     t = plan.totals
-    click.echo(f"would create {t['create']}, update {t['update']}, leave {t['unchanged']} unchanged; "
-               f"{len(plan.problems)} problem(s)", err=True)
+    tell(f"would create {t['create']}, update {t['update']}, leave {t['unchanged']} unchanged; "
+               f"{len(plan.problems)} problem(s)")
 
 
 def render_push(summary: api.PushSummary, obj: Ctx) -> None:
@@ -384,7 +415,7 @@ def render_push(summary: api.PushSummary, obj: Ctx) -> None:
     for line in result.errors:
         say(f"rejected: {line}", obj)
     say(f"mode {result.mode}, {result.bundles_sent} bundle(s), {summary.requests} request(s)", obj)
-    click.echo(result.summary_line, err=True)
+    tell(result.summary_line)
 
 
 @cli.command("pull")
@@ -431,7 +462,7 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
     for w in summary.result.warnings:
         say(f"warning: {w}", obj)
     detail = ", ".join(f"{k} {v}" for k, v in sorted(summary.result.counts.items()))
-    click.echo(f"pulled {summary.total} resources ({detail or 'none'}) to {output}", err=True)
+    tell(f"pulled {summary.total} resources ({detail or 'none'}) to {output}")
 
 
 @cli.command("outcomes")
@@ -498,7 +529,7 @@ def render_outcomes(summary: api.OutcomesSummary, obj: Ctx) -> None:
     elif summary.written is not None:
         say(f"write-back: {summary.written} response Observation(s) written to {summary.output}", obj)
     if not summary.cohort.cases:
-        click.echo("no cohort case in the source: nothing to evaluate (see the warnings)", err=True)
+        tell("no cohort case in the source: nothing to evaluate (see the warnings)")
 
 
 @cli.command("check")
@@ -506,7 +537,7 @@ def render_outcomes(summary: api.OutcomesSummary, obj: Ctx) -> None:
 @version_option
 @click.pass_obj
 @handles_errors
-def check_cmd(obj: Ctx, /, fhir_version: str, **kwargs: Any) -> None:
+def check_cmd(obj: Ctx, /, fhir_version: str | None, **kwargs: Any) -> None:
     """Say whether a server will work: reachable, TLS, FHIR version, auth, capabilities.
 
     Exit 0 when everything push and pull need is there, 5 when something needed is missing,
@@ -526,7 +557,7 @@ def check_cmd(obj: Ctx, /, fhir_version: str, **kwargs: Any) -> None:
         click.echo(f"  [{mark:>4}] {line.item}: {line.detail}")
     verdict = {0: "server is usable for push and pull", 4: "server not usable (see above)",
                5: "server lacks something push/pull need (see above)"}
-    click.echo(verdict[summary.exit_code], err=True)
+    tell(verdict[summary.exit_code])
     sys.exit(summary.exit_code)
 
 
