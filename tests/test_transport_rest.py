@@ -447,6 +447,26 @@ def test_search_detects_paging_loop(rsps: responses.RequestsMock) -> None:
         list(make_client(Sleeper()).search("Patient", {"p": "1"}))
 
 
+def test_search_overlapping_pages_yield_each_resource_once(rsps: responses.RequestsMock) -> None:
+    rsps.get(f"{BASE}/Patient", json=page(["a", "b", "c"], f"{BASE}?_getpages=q&_getpagesoffset=2"))
+    rsps.get(BASE, json=page(["c", "d", "a"], None),
+             match=[responses.matchers.query_param_matcher({"_getpages": "q", "_getpagesoffset": "2"})])
+    assert [r["id"] for r in make_client(Sleeper()).search("Patient", {})] == ["a", "b", "c", "d"]
+
+
+def test_search_page_limit(rsps: responses.RequestsMock) -> None:
+    for n in range(5):
+        rsps.get(f"{BASE}/Patient", json=page([f"p{n}"], f"{BASE}/Patient?page={n + 1}"),
+                 match=[responses.matchers.query_param_matcher({"page": str(n)})])
+    client = make_client(Sleeper())
+    found = []
+    with pytest.raises(FatalServerError, match="after 3 pages") as err:
+        for resource in client.search("Patient", {"page": "0"}, max_pages=3):
+            found.append(resource["id"])
+    assert found == ["p0", "p1", "p2"] and client.request_count == 3
+    assert "--max-pages" in str(err.value) and "page=" not in str(err.value)  # no query values
+
+
 def test_search_skips_outcome_entries(rsps: responses.RequestsMock) -> None:
     bundle = page(["a"], None)
     bundle["entry"].append({"resource": OPERATION_OUTCOME, "search": {"mode": "outcome"}})
