@@ -110,6 +110,8 @@ def test_warnings_reach_the_page(tmp_path: Path) -> None:
     text = rendered_text(out, tmp_path)
     assert "10 of 12 case(s) not evaluable" in text
     assert "Not evaluable (n=10)" in text
+    # said next to the rate, not only at the bottom of the page
+    assert text.index("10 of 12 case(s) not evaluable") < text.index("Table I")
 
 
 def test_the_plot_labels_never_overlap_and_the_ci_has_one_decimal() -> None:

@@ -165,6 +165,8 @@ def render_html(result: CohortOutcomes, *, title: str = "", displays: dict[str, 
     rate = ci_text(result) if s["response_rate"] is not None else "n/a (no evaluable case)"
     out.append(f'<p class="rate" id="response-rate">Response rate (complete + partial): {escape(rate)}, '
                "exact Clopper\u2013Pearson</p>")
+    # a rate over a few evaluable cases must not be read without how many were left out
+    out += [f'<p class="warn" id="not-evaluable">{escape(w)}</p>' for w in warnings if "case(s) not evaluable" in w]
     months = s["mean_months_to_evaluation"]
     out.append(f'<p>Complete {s["complete"]}, partial {s["partial"]}, none {s["none"]}, not evaluable '
                f'{s["not_evaluable"]}; mean time to evaluation {escape(_fmt(months))} months.</p>')
