@@ -61,6 +61,11 @@ KINDS: list[tuple[str, str, str | None, Callable[[Resource], None], str, str, st
     ("negative-timing-period", "MedicationStatement", "dosage", lambda r: _timing(r).__setitem__("period", -1),
      "tim-5", "MedicationStatement.dosage[0].timing.repeat", "error"),
     # beyond the fifteen
+    ("language-not-bcp47", "Patient", None, lambda r: r.__setitem__("language", "english"),
+     "bcp-47", "Patient.language", "error"),
+    ("contained-not-referenced", "Condition", None,
+     lambda r: r.__setitem__("contained", [{"resourceType": "Patient", "id": "p1", "gender": "female"}]),
+     "dom-3", "Condition", "error"),
     ("identifier-system-not-a-uri", "Patient", None, lambda r: r["identifier"][0].__setitem__("system", "MRN"),
      "system-uri", "Patient.identifier[0].system", "error"),
     ("abated-but-active", "Condition", None, lambda r: r.__setitem__("abatementDateTime", "2024-09-01"),

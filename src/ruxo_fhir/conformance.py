@@ -338,6 +338,41 @@ def _non_negative(name: str) -> Callable[[Node, Resource], bool | None]:
     return prove
 
 
+def _strings(value: Any, skip: Any = None) -> Any:
+    if value is skip:
+        return
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v, skip)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v, skip)
+
+
+def _contained_referenced(node: Node, root: Resource) -> bool:
+    """dom-3 decided natively (fhirpathpy refuses its `as` on collections): every contained
+    resource is referenced ('#id') from elsewhere in the resource, or refers to it ('#')."""
+    contained = node.get("contained")
+    if not isinstance(contained, list):
+        return True
+    for item in contained:
+        if not isinstance(item, dict):
+            continue
+        local = f"#{item.get('id')}"
+        if any(s == local for s in _strings(node, skip=item)):
+            continue
+        if any(s == "#" for s in _strings(item)):
+            continue
+        return False
+    return True
+
+
+# Invariants decided here rather than by fhirpathpy (whose reading differs from the HL7
+# engine's); the verdict is final, true or false.
+NATIVE_DECIDERS: dict[str, Callable[[Node, Resource], bool]] = {"dom-3": _contained_referenced}
+
 NATIVE_PROVERS: dict[str, Callable[[Node, Resource], bool | None]] = {
     "per-1": _period_ok, "ref-1": _reference_ok, "con-5": _not_entered_in_error,
     "tim-4": _non_negative("duration"), "tim-5": _non_negative("period"),
@@ -376,6 +411,7 @@ class Trace:
     codings: list[tuple[Any, ...]] = field(default_factory=list)  # Coding nodes (terminology)
     quantities: list[tuple[Any, ...]] = field(default_factory=list)  # Quantity nodes (terminology)
     identifiers: list[tuple[Any, ...]] = field(default_factory=list)  # nodes with a system to check
+    languages: list[tuple[Any, ...]] = field(default_factory=list)  # language code leaves (BCP-47)
 
 
 def _choice_key(name: str, type_code: str) -> str:
@@ -437,7 +473,8 @@ class Rules:
             native = NATIVE_PROVERS.get(inv.key)
             if native is not None and native(node, resource):
                 continue
-            verdict = inv.verdict(node, resource)
+            decider = NATIVE_DECIDERS.get(inv.key)
+            verdict = decider(node, resource) if decider is not None else inv.verdict(node, resource)
             if verdict is False:
                 out.append(Finding(loc, inv.key, f"{inv.human} ({inv.expression})",
                                    "error" if inv.severity == "error" else "warning"))
@@ -499,6 +536,13 @@ class Rules:
             for i, item in enumerate(items):
                 iloc = f"{loc}.{key}" + (f"[{i}]" if isinstance(value, list) else "")
                 ipath = (*jpath, key, i) if isinstance(value, list) else (*jpath, key)
+                if rule.name == "language" and rule.type == "code" and isinstance(item, str):
+                    if trace is not None:
+                        trace.languages.append(ipath)
+                    if not term.bcp47_ok(item):
+                        # the binding's maximum value set is all of BCP-47, as the HL7 validator checks
+                        out.append(Finding(iloc, "bcp-47", f"'{item}' is not a BCP-47 language tag "
+                                           "(e.g. en, en-US, fr-CH)"))
                 if rule.pairs is not None:
                     if trace is not None:
                         trace.codes.append((ipath, rule))

@@ -327,6 +327,8 @@ class _Compiler:
         """The spec's rules for this shape, after its structure and leaves are checked: what the
         shape proves (cardinality, ele-1, ext-1, invariants that `shape_proof` proves) is decided
         now; bindings, terminology and the other invariants are checked per resource."""
+        from ruxo_fhir.conformance import NATIVE_DECIDERS
+
         for path, rule in trace.codes:
             var = self.vars[path]
             if rule.type == "code":
@@ -351,11 +353,17 @@ class _Compiler:
             self.emit(f"if ({var}.get('system'), {var}.get('code')) not in {memo} and not _coding_ok({var}): return 2")
         for path in trace.quantities:
             self.emit(f"if not _quantity_ok({self.vars[path]}): return 2")
+        for path in trace.languages:
+            self.emit(f"if not _bcp47({self.vars[path]}): return 2")
         for path in trace.identifiers:
             self.emit(f"if not _idsys_ok({self.vars[path]}): return 2")
         for path, inv in trace.invariants:
             node = _at(resource, path)
             if inv.shape_proof(node, resource):
+                continue
+            decider = NATIVE_DECIDERS.get(inv.key)
+            if decider is not None:
+                self.emit(f"if not {self.const(decider, 'D')}({self.vars[path]}, r): return 2")
                 continue
             var, const = self.vars[path], self.const(inv, "I")
             native = rules.natives.get(inv.key)
@@ -563,7 +571,7 @@ class RuleChecks:
                 return True
             return invariant.verdict(node, root) is not False
 
-        self.env: dict[str, Any] = {"_bindp": conformance.binding_problem, "_coding_ok": coding_ok,
+        self.env: dict[str, Any] = {"_bcp47": terminology.bcp47_ok, "_bindp": conformance.binding_problem, "_coding_ok": coding_ok,
                                     "_quantity_ok": quantity_ok, "_idsys_ok": idsys_ok, "_inv": inv}
 
 

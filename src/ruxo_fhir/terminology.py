@@ -84,6 +84,22 @@ def icd10_code(code: str, system: str) -> Warning_ | None:
     return ("icd10-format", f"'{code}' is not an ICD-10 code (letter, two digits, optional dot and subcode)")
 
 
+# --- BCP-47 language tags ------------------------------------------------------------------
+
+BCP47 = "urn:ietf:bcp:47"
+# RFC 5646 syntax; the primary language subtag is an ISO 639 code (2-3 letters): the 4-8 letter
+# forms the grammar reserves are not in the IANA registry, so 'english' is not a tag.
+_BCP47 = re.compile(
+    r"(?:[A-Za-z]{2,3}(?:-[A-Za-z]{3}){0,3}(?:-[A-Za-z]{4})?(?:-(?:[A-Za-z]{2}|[0-9]{3}))?"
+    r"(?:-(?:[A-Za-z0-9]{5,8}|[0-9][A-Za-z0-9]{3}))*(?:-[0-9A-WYZa-wyz](?:-[A-Za-z0-9]{2,8})+)*"
+    r"(?:-[xX](?:-[A-Za-z0-9]{1,8})+)?|[xX](?:-[A-Za-z0-9]{1,8})+|i-[A-Za-z]{3,8})").fullmatch
+
+
+def bcp47_ok(tag: str) -> bool:
+    """Whether `tag` is a well-formed BCP-47 language tag (e.g. en, en-US, de-CH, zh-Hant-TW)."""
+    return _BCP47(tag) is not None
+
+
 # --- code system URIs ----------------------------------------------------------------------
 
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s]+").fullmatch
@@ -263,6 +279,8 @@ def coding_warnings(system: str | None, code: str | None) -> list[Warning_]:
                 found = icd10_code(code, system)
             elif system == UCUM:
                 found = ucum_code(code)
+            elif system == BCP47 and not bcp47_ok(code):
+                found = ("bcp-47", f"'{code}' is not a BCP-47 language tag (e.g. en, en-US, fr-CH)")
             if found:
                 out.append(found)
     return out
