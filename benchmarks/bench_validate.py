@@ -19,13 +19,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import cohort_gen  # noqa: E402
+import cohort_gen
 
-from ruxo_fhir.fhir_version import to_version  # noqa: E402
-from ruxo_fhir.mapping.forward import ForwardMapper  # noqa: E402
-from ruxo_fhir.mapping.spec import load_mapping  # noqa: E402
-from ruxo_fhir.records import CaseReader, Reject  # noqa: E402
-from ruxo_fhir.validate import Validator  # noqa: E402
+from ruxo_fhir.fhir_version import to_version
+from ruxo_fhir.mapping.forward import ForwardMapper
+from ruxo_fhir.mapping.spec import load_mapping
+from ruxo_fhir.records import CaseReader, Reject
+from ruxo_fhir.validate import Validator
 
 
 def resources(csv_path: Path, version: str) -> list[dict[str, Any]]:

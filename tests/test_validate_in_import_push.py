@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from e2e_cli import Run, run_cli
 from fhirserver import TestFhirServer
+
 from ruxo_fhir.importer import import_cases
 from ruxo_fhir.mapping.spec import load_mapping
 

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cohort_gen import generate_cases
+from validation_cases import KINDS
+
 from ruxo_fhir.importer import case_resources
 from ruxo_fhir.mapping.spec import load_mapping
 from ruxo_fhir.records import CaseReader
 from ruxo_fhir.validate import Validator
-from validation_cases import KINDS
 
 pytestmark = [pytest.mark.java, pytest.mark.e2e]
 

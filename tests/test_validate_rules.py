@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from validation_cases import KINDS
 
 from ruxo_fhir.conformance import _structural, _tokens, rules_for
 from ruxo_fhir.fhir_version import VERSIONS
@@ -21,13 +22,12 @@ from ruxo_fhir.mapping.spec import load_mapping
 from ruxo_fhir.records import CaseReader
 from ruxo_fhir.terminology import icd10_code, snomed_code, ucum_valid, verhoeff_ok
 from ruxo_fhir.validate import Problem, Validator
-from validation_cases import KINDS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cases.csv"
 Resource = dict[str, Any]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _examples(version: str) -> tuple[Resource, ...]:
     mapping = load_mapping(None)
     reader = CaseReader(EXAMPLE, mapping)
@@ -42,7 +42,7 @@ def first(version: str, kind: str, having: str | None = None) -> Resource:
     raise AssertionError(f"no {kind} with {having}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warm(version: str) -> Validator:
     v = Validator(version)  # type: ignore[arg-type]
     for res in _examples(version):

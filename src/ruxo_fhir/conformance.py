@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources as importlib_resources
 from typing import Any
 
@@ -594,7 +594,7 @@ def _coding_problem(rule: ElementRule, coding: Node, where: str) -> str | None:
     return f"{coding.get('system')}#{coding.get('code')} is not in {where}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parse_trees(version: str) -> dict[str, Any]:
     """Parse trees generated with the rules (rules/<version>.fhirpath.json.gz), when they were
     made by the fhirpathpy version installed; else {} and expressions are parsed as needed."""
@@ -613,7 +613,7 @@ def _parse_trees(version: str) -> dict[str, Any]:
     return trees
 
 
-@lru_cache(maxsize=None)
+@cache
 def rules_for(version: str) -> Rules:
     """The rules of `version` ("R4" or "R5"), loaded once from the package data."""
     data = importlib_resources.files("ruxo_fhir").joinpath("rules").joinpath(f"{version}.json")

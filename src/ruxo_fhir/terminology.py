@@ -134,7 +134,7 @@ _NONMETRIC = set("""
 [gal_us] [bbl_us] [qt_us] [pt_us] [gil_us] [foz_us] [fdr_us] [min_us] [crd_us] [bu_us] [gal_wi]
 [pk_us] [dqt_us] [dpt_us] [tbs_us] [tsp_us] [cup_us] [foz_m] [cup_m] [tsp_m] [tbs_m] [gal_br]
 [pk_br] [bu_br] [qt_br] [pt_br] [gil_br] [foz_br] [fdr_br] [min_br] [drp] [pH] [degF] [degR]
-[degRe] [Cal] [Btu] [HP] [CFU] [PFU] [FFU] [BAU] [AU] [AU/mL] [arb'U] [USP'U] [GPL'U] [MPL'U]
+[degRe] [Cal] [Btu] [HP] [CFU] [PFU] [FFU] [BAU] [AU] [arb'U] [USP'U] [GPL'U] [MPL'U]
 [APL'U] [beth'U] [anti'Xa'U] [todd'U] [dye'U] [smgy'U] [bdsk'U] [ka'U] [knk'U] [mclg'U] [tb'U]
 [hnsf'U] [lf] [D'ag'U] [FEU] [ELU] [EU] [S] [HPF] [LPF] [MET] [mesh_i] [ch] [Ch] [hp'_X] [hp'_C]
 [hp'_M] [hp'_Q] [kp_X] [kp_C] [kp_M] [kp_Q] [srd_us] [rch_us] [rlk_us] [lk_us] [rd_us] [ft_us]
@@ -144,7 +144,7 @@ _NONMETRIC = set("""
 m[H2O] m[Hg] [in_i'H2O] [in_i'Hg] [wood'U] [PRU] [Amb'a'1'U] [stone_av] [lne] [pnt] [pca]
 [pied] [pouce] [ligne] [didot] [cicero] [pnt_pr] [car_m] [car_Au] [smoot] [m/s2/Hz^(1/2)] [NTU]
 [PNU] [Lf] [CCID_50] [TCID_50] [EID_50] [Btu_39] [Btu_59] [Btu_60] [Btu_m] [Btu_th] [Btu_IT]
-cal_[15] cal_[20] cal_m cal_IT cal_th [den] [tex] [MET] [Pa] [CCID_50] [EID_50] [TCID_50]
+cal_[15] cal_[20] cal_m cal_IT cal_th [den] [tex] [CCID_50] [EID_50] [TCID_50]
 """.split())
 # Metric atoms that are written with a bracketed suffix (m[H2O] etc.) are in _METRIC via the parser.
 _METRIC |= {"m[H2O]", "m[Hg]", "g%", "[iU]", "[IU]", "cal_[15]", "cal_[20]", "cal_m", "cal_IT", "cal_th"}
