@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_import(csv_path, out, j)
                 work = max(1e-9, r["wall"] - startup[j]) * n / (n - few)
                 if floor_s is None:
-                    floor_s, count = orjson_floor(out, tmp / "floor.ndjson")
+                    floor_s, _count = orjson_floor(out, tmp / "floor.ndjson")
                 say(f"| {n:,} | {j} | {r['wall']:.1f} | {n / work:,.0f} | {floor_s:.2f} | "
                     f"{fmt_ratio(work / floor_s, 10)} | {r['tree_rss_mb']:.0f} MB ({r['procs']} procs) | "
                     f"{r['tree_pss_mb']:.0f} MB | {r['max_rss_mb']:.0f} MB |")

@@ -32,8 +32,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 try:
     import fcntl
@@ -200,7 +201,7 @@ class TestFhirServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> "TestFhirServer":
+    def start(self) -> TestFhirServer:
         if self._proc is not None:
             raise FhirServerError("server already started")
         ensure_installed()
@@ -220,7 +221,7 @@ class TestFhirServer:
             env[LOG_ENV] = "1"
         else:
             # quiet, but kept so that a failed start can say why
-            self._stderr = tempfile.TemporaryFile()
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
         self._proc = subprocess.Popen(
             cmd,
             cwd=SERVER_DIR,
@@ -298,7 +299,7 @@ class TestFhirServer:
         self._stderr.seek(max(0, size - limit))
         return self._stderr.read().decode(errors="replace")
 
-    def __enter__(self) -> "TestFhirServer":
+    def __enter__(self) -> TestFhirServer:
         return self.start() if self._proc is None else self
 
     def __exit__(self, *exc: object) -> None:

@@ -116,7 +116,7 @@ def write_cases(path: Path, rows: Iterable[Mapping[str, Any]], *, columns: Itera
 
 def case_row(case_id: str, patient_id: str = "P1", **values: str) -> dict[str, str]:
     """A minimal valid row (required columns filled) plus overrides."""
-    row = {c: "" for c in CANONICAL}
+    row = dict.fromkeys(CANONICAL, "")
     row.update(case_id=case_id, patient_id=patient_id, sex="F", indication="morphea",
                treatment_start="2024-05-02", frequency="BID")
     row.update(values)

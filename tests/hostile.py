@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -83,7 +82,7 @@ class HostileServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 req = Req(self.command, split.path, parse_qs(split.query, keep_blank_values=True),
-                          {k: v for k, v in self.headers.items()}, body, self.path)
+                          dict(self.headers.items()), body, self.path)
                 owner.requests.append(req)
                 reply = owner.handler(req)
                 owner._send(self, reply)
@@ -128,7 +127,7 @@ class HostileServer:
                     time.sleep(reply.pause)
             if reply.chunked:
                 h.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError, OSError):
             h.close_connection = True  # the client gave up: what these tests want to see
 
     @property
@@ -139,7 +138,7 @@ class HostileServer:
     def base_url(self) -> str:
         return self.root_url + "/fhir"
 
-    def start(self) -> "HostileServer":
+    def start(self) -> HostileServer:
         self._thread.start()
         return self
 

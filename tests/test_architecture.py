@@ -17,7 +17,7 @@ def test_import_boundaries_hold() -> None:
     """mapping/ never imports transport, sync or the CLI; requests only under transport/."""
     exe = shutil.which("lint-imports")
     assert exe, "import-linter is part of the test extra: pip install -e '.[test]'"
-    proc = _run([exe, "--config", "pyproject.toml"])
+    proc = _run([exe, "pyproject.toml"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 broken" in proc.stdout
 
@@ -57,3 +57,19 @@ def test_cli_holds_no_orchestration() -> None:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 assert not alias.name.startswith("ruxo_fhir."), f"cli.py imports {alias.name}"
+
+
+def test_ruff_is_clean() -> None:
+    """The pinned rule set in pyproject.toml ([tool.ruff]) holds for src, tests and benchmarks."""
+    exe = shutil.which("ruff")
+    assert exe, "ruff is part of the test extra: pip install -e '.[test]'"
+    proc = _run([exe, "check", "src", "tests", "benchmarks", "scripts"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_tests_that_start_the_fhir_server_are_marked_e2e() -> None:
+    """`pytest -m "not e2e"` must not start a server: the modules built around one say so."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        text = path.read_text(encoding="utf-8")
+        if "ThreadingHTTPServer(" in text or "TestFhirServer(" in text:
+            assert "mark.e2e" in text, f"{path.name} starts a server but marks no test e2e"

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 import requests
+from cohort_gen import generate_cases
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
-from cohort_gen import generate_cases
 from e2e_cli import Run as BaseRun
 from e2e_cli import run_cli
 from fhirserver import TestFhirServer
+
+pytestmark = pytest.mark.e2e  # every test here starts the test FHIR server
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CSV = REPO / "examples" / "cases.csv"
@@ -248,13 +249,13 @@ def test_smart_same_client_after_token_expiry(
     fhir_server: TestFhirServer, smart_key: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
     """The library: one client, a push, a pause longer than the token lifetime, another push."""
+    from ruxo_fhir.importer import source_resources
     from ruxo_fhir.mapping.spec import load_mapping
     from ruxo_fhir.sync.ledger import Ledger
     from ruxo_fhir.sync.pull import pull_cohort
     from ruxo_fhir.sync.push import push
     from ruxo_fhir.transport.auth import SmartBackendAuth
     from ruxo_fhir.transport.rest import FhirClient
-    from ruxo_fhir.importer import source_resources
 
     pem, jwk = smart_key
     mapping = load_mapping()

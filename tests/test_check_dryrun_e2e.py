@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from e2e_cli import Run as BaseRun
 from e2e_cli import run_cli
 from fhirserver import TestFhirServer
+
+pytestmark = pytest.mark.e2e  # every test here starts the test FHIR server
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CSV = REPO / "examples" / "cases.csv"

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import requests
-
 from fhirserver import TestFhirServer
 from helpers import EXAMPLE_CSV
+
 from ruxo_fhir.importer import import_cases
 from ruxo_fhir.mapping.spec import load_mapping
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import DEFAULT_MAPPING, EXAMPLE_CSV, PATIENT_SYSTEM
+
 from ruxo_fhir.errors import MappingError
 from ruxo_fhir.exporter import read_cases
 from ruxo_fhir.importer import import_cases

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import requests
-
 from fhirserver import FhirServerError, TestFhirServer, generate_smart_key, make_client_assertion
+
+pytestmark = pytest.mark.e2e  # every test here starts the test FHIR server
 
 FHIR_JSON = "application/fhir+json"
 TIMEOUT = 30
@@ -684,7 +685,7 @@ def test_bulk_export(fhir_server: TestFhirServer) -> None:
     assert r.status_code == 202
     status_url = r.headers["Content-Location"]
     assert status_url.startswith(fhir_server.root_url + "/bulkstatus/")
-    for i in range(2):  # bulk_polls default 2
+    for _ in range(2):  # bulk_polls default 2
         p = _poll(status_url)
         assert p.status_code == 202 and p.headers["Retry-After"] == "1" and p.headers["X-Progress"]
     p = _poll(status_url)

@@ -41,7 +41,7 @@ def test_connection_refused_at_first_contact_is_one_line_within_5_s(tmp_path: Pa
 
 
 class _Once(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = json.dumps({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1"}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/fhir+json")
@@ -53,6 +53,7 @@ class _Once(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.e2e  # starts a loopback server
 def test_a_server_that_answered_before_gets_retries() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Once)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -158,6 +159,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+@pytest.mark.e2e  # starts a loopback server
 def test_check_insecure_says_tls_verification_is_off(tmp_path: Path) -> None:
     import ssl
 
@@ -186,7 +188,7 @@ def test_check_insecure_says_tls_verification_is_off(tmp_path: Path) -> None:
 class _Counting(_Once):
     hits = 0
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).hits += 1
         super().do_GET()
 
@@ -198,6 +200,7 @@ def test_no_server_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
     assert "no server given" in result.stderr and len(result.stderr_lines) == 1
 
 
+@pytest.mark.e2e  # starts a loopback server
 @pytest.mark.parametrize("since", ["yesterday", "2024-13-01", "01/05/2024", "2024-05-01 10:00"])
 def test_a_bad_since_is_exit_2_before_any_request(tmp_path: Path, since: str) -> None:
     _Counting.hits = 0

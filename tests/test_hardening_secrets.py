@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from e2e_cli import Run, run_cli
 from helpers import EXAMPLE_CSV
 from hostile import Reply, fhir_basics, hostile, outcome  # noqa: F401 - `hostile` is a fixture

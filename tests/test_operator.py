@@ -111,10 +111,10 @@ def test_ndjson_folder_push_to_a_server_that_checks_references(tmp_path: Path, f
 
 
 def test_check_with_smart_reports_the_token_and_its_expiry(tmp_path: Path, fhir_server: Any) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from fhirserver import generate_smart_key
 
     from ruxo_fhir.transport.auth import jwk_thumbprint
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     pem, jwk = generate_smart_key(kid="placeholder", alg="ES384")
     jwk["kid"] = jwk_thumbprint(load_pem_private_key(pem, password=None))

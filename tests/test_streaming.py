@@ -153,7 +153,7 @@ def test_two_jobs_write_the_same_bytes(imported: dict[str, Any]) -> None:
     one, two = base / "out1", base / "out2"
     names = sorted(p.name for p in one.iterdir())
     assert names == sorted(p.name for p in two.iterdir())
-    match, mismatch, errors = filecmp.cmpfiles(one, two, names, shallow=False)
+    _match, mismatch, errors = filecmp.cmpfiles(one, two, names, shallow=False)
     assert not mismatch and not errors
     assert filecmp.cmp(base / "out1.rejects.csv", base / "out2.rejects.csv", shallow=False)
 

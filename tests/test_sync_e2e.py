@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 import requests
-
 from cohort_gen import generate_cases
 from e2e_cli import Run as BaseRun
 from e2e_cli import run_cli
 from fhirserver import TestFhirServer
+
+pytestmark = pytest.mark.e2e  # every test here starts the test FHIR server
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CSV = REPO / "examples" / "cases.csv"
@@ -116,11 +117,7 @@ def case_group(resources: list[dict[str, Any]], case_id: str, patient_id: str) -
     """The resources of one case plus its Patient (for a patient with only this case)."""
     out = []
     for r in resources:
-        if identifier_values(r, CASE_SYSTEM) == [case_id]:
-            out.append(r)
-        elif any(v.startswith(f"{case_id}:") for v in identifier_values(r, RESOURCE_SYSTEM)):
-            out.append(r)
-        elif r["resourceType"] == "Patient" and identifier_values(r, PATIENT_SYSTEM) == [patient_id]:
+        if identifier_values(r, CASE_SYSTEM) == [case_id] or any(v.startswith(f"{case_id}:") for v in identifier_values(r, RESOURCE_SYSTEM)) or (r["resourceType"] == "Patient" and identifier_values(r, PATIENT_SYSTEM) == [patient_id]):
             out.append(r)
     return out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fhirserver import TestFhirServer
 from test_sync_e2e import EXAMPLE_CSV, bundle_resources, cli, import_bundle, server_count, type_counts
 

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fhirserver import TestFhirServer
 from test_sync_e2e import EXAMPLE_CSV, bundle_resources, cli, import_bundle, keys
 

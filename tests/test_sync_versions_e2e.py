@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import requests
-
 from fhirserver import TestFhirServer
 from test_sync_e2e import (
     EXAMPLE_CSV,

@@ -15,7 +15,14 @@ import responses
 from urllib3.exceptions import ProtocolError
 
 from ruxo_fhir.errors import AuthError, CapabilityError, FatalServerError, RuxoError, TemporaryServerError
-from ruxo_fhir.transport import BearerAuth, FhirClient, RetryPolicy, parse_retry_after, raise_for_response, summarize_outcome
+from ruxo_fhir.transport import (
+    BearerAuth,
+    FhirClient,
+    RetryPolicy,
+    parse_retry_after,
+    raise_for_response,
+    summarize_outcome,
+)
 from ruxo_fhir.transport.outcome import redact_url
 
 BASE = "https://fhir.example.org/r4"
@@ -434,7 +441,7 @@ def test_search_refuses_next_link_to_foreign_host(rsps: responses.RequestsMock) 
     rsps.get(f"{BASE}/Patient", json=page(["a"], "https://evil.example.com/steal?_getpages=1"))
     client = make_client(Sleeper(), auth=BearerAuth("secret"))
     found = []
-    with pytest.raises(FatalServerError, match="evil.example.com"):
+    with pytest.raises(FatalServerError, match=r"evil\.example\.com"):
         for resource in client.search("Patient", {"name": "x"}):
             found.append(resource["id"])
     assert found == ["a"]

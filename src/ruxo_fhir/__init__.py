@@ -3,7 +3,7 @@
 The library is `ruxo_fhir.api` (one typed function per job, re-exported here lazily so that
 importing any part of the package stays fast):
 
-    from ruxo_fhir import api
+    from ruxo_fhir import api as api
     api.import_file("cases.csv", "bundle.json")
 
 `api.validate` and `api.outcomes` are reached through `api` only: their names here belong to
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from ruxo_fhir.errors import (  # noqa: E402
+from ruxo_fhir.errors import (
     AuthError,
     CapabilityError,
     FatalServerError,
@@ -29,27 +29,63 @@ from ruxo_fhir.errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from ruxo_fhir import api
+    from ruxo_fhir import api as api
     from ruxo_fhir.api import (
-        CheckOptions,
-        CheckSummary,
-        ExportOptions,
-        ImportOptions,
-        OutcomesOptions,
-        OutcomesSummary,
-        PullOptions,
-        PullSummary,
-        PushOptions,
-        PushSummary,
-        ServerSettings,
-        ValidateOptions,
-        ValidateResult,
-        check,
-        export_file,
-        import_file,
-        pull,
-        push,
-        server_settings,
+        CheckOptions as CheckOptions,
+    )
+    from ruxo_fhir.api import (
+        CheckSummary as CheckSummary,
+    )
+    from ruxo_fhir.api import (
+        ExportOptions as ExportOptions,
+    )
+    from ruxo_fhir.api import (
+        ImportOptions as ImportOptions,
+    )
+    from ruxo_fhir.api import (
+        OutcomesOptions as OutcomesOptions,
+    )
+    from ruxo_fhir.api import (
+        OutcomesSummary as OutcomesSummary,
+    )
+    from ruxo_fhir.api import (
+        PullOptions as PullOptions,
+    )
+    from ruxo_fhir.api import (
+        PullSummary as PullSummary,
+    )
+    from ruxo_fhir.api import (
+        PushOptions as PushOptions,
+    )
+    from ruxo_fhir.api import (
+        PushSummary as PushSummary,
+    )
+    from ruxo_fhir.api import (
+        ServerSettings as ServerSettings,
+    )
+    from ruxo_fhir.api import (
+        ValidateOptions as ValidateOptions,
+    )
+    from ruxo_fhir.api import (
+        ValidateResult as ValidateResult,
+    )
+    from ruxo_fhir.api import (
+        check as check,
+    )
+    from ruxo_fhir.api import (
+        export_file as export_file,
+    )
+    from ruxo_fhir.api import (
+        import_file as import_file,
+    )
+    from ruxo_fhir.api import (
+        pull as pull,
+    )
+    from ruxo_fhir.api import (
+        push as push,
+    )
+    from ruxo_fhir.api import (
+        server_settings as server_settings,
     )
 
 _API_NAMES = frozenset({

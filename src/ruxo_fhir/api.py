@@ -91,8 +91,8 @@ class ImportOptions:
 
 def import_file(cases: str | Path, output: str | Path, options: ImportOptions | None = None) -> ImportResult:
     """Map a case CSV to validated FHIR (Bundle or ndjson folder); bad rows go to the rejects file."""
-    from ruxo_fhir.importer import import_cases
     from ruxo_fhir.fhir_version import normalise_version
+    from ruxo_fhir.importer import import_cases
     from ruxo_fhir.runreport import RunReport
 
     opt = options or ImportOptions()
@@ -141,8 +141,8 @@ class ValidateResult:
 def validate(file: str | Path, options: ValidateOptions | None = None) -> ValidateResult:
     """Validate every resource of a Bundle JSON or an ndjson folder."""
     from ruxo_fhir.bundle import iter_resources
-    from ruxo_fhir.validate import Validator
     from ruxo_fhir.fhir_version import normalise_version
+    from ruxo_fhir.validate import Validator
 
     opt = options or ValidateOptions()
     validator = Validator(normalise_version(opt.fhir_version or "R4"))
@@ -227,7 +227,7 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
     from ruxo_fhir.connect import make_client
     from ruxo_fhir.fhir_version import normalise_version
     from ruxo_fhir.runreport import RunReport
-    
+
     opt = options or PushOptions()
     version = normalise_version(opt.fhir_version or server.fhir_version or "R4")
     mapping = _mapping(opt.mapping)
@@ -333,10 +333,9 @@ class PullSummary:
 def pull(server: ServerSettings, output: str | Path, options: PullOptions | None = None) -> PullSummary:
     """Pull the cohort (and only the cohort) to a Bundle or an ndjson folder; written atomically."""
     from ruxo_fhir.bundle import writer_for
-    from ruxo_fhir.sync.pull import check_since, pull_start_time, read_cursor, write_cursor
     from ruxo_fhir.connect import make_client
     from ruxo_fhir.runreport import RunReport
-    from ruxo_fhir.sync.pull import PullResult
+    from ruxo_fhir.sync.pull import PullResult, check_since, pull_start_time, read_cursor, write_cursor
 
     opt = options or PullOptions()
     mapping = _mapping(opt.mapping)
@@ -434,7 +433,7 @@ def outcomes(source: str | Path | None = None, server: ServerSettings | None = N
              options: OutcomesOptions | None = None) -> OutcomesSummary:
     """Response per case and cohort tables from a case CSV, a Bundle, an ndjson folder or a server."""
     from ruxo_fhir.connect import make_client
-    
+
     opt = options or OutcomesOptions()
     if (source is None) == (server is None):
         raise UsageError("give either a source file or a server")
@@ -540,10 +539,10 @@ class CheckSummary:
 
 def check(server: ServerSettings, options: CheckOptions | None = None) -> CheckSummary:
     """Whether a server will work: reachable, TLS, FHIR version, auth, capabilities (quick retries)."""
-    from ruxo_fhir.sync.plan import check_server
-    from ruxo_fhir.transport.auth import SmartBackendAuth
     from ruxo_fhir.connect import make_client
     from ruxo_fhir.fhir_version import normalise_version
+    from ruxo_fhir.sync.plan import check_server
+    from ruxo_fhir.transport.auth import SmartBackendAuth
 
     opt = options or CheckOptions()
     version = normalise_version(opt.fhir_version or server.fhir_version or "R4")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
-from ruxo_fhir.errors import InputError, RuxoError, UsageError
+from ruxo_fhir.errors import InputError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,7 +52,7 @@ class ServerSettings:
     timeout: float | None = None
     profile: str | None = None
 
-    def merged(self, **overrides: Any) -> "ServerSettings":
+    def merged(self, **overrides: Any) -> ServerSettings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None and v is not False})
 
 

@@ -6,9 +6,9 @@ import io
 import os
 import tempfile
 from collections.abc import Iterable
-from typing import IO
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from ruxo_fhir.bundle import iter_resources
 from ruxo_fhir.mapping.reverse import CaseAssembler

@@ -199,7 +199,7 @@ class OutcomeCollector:
         improvements, scores = self._state(ms_key)
         (improvements if is_improvement else scores).append(value)
 
-    def add_all(self, resources: Iterable[Resource]) -> "OutcomeCollector":
+    def add_all(self, resources: Iterable[Resource]) -> OutcomeCollector:
         for r in resources:
             self.add(r)
         return self
@@ -228,7 +228,7 @@ class OutcomeCollector:
         elif improvements:
             reason = "evaluation without an improvement value"
         if not valued and improvements and eval_date is None:
-            eval_date = max((v.date or "" for v in improvements)) or None
+            eval_date = max(v.date or "" for v in improvements) or None
         if eval_date is None and not improvements and not scores:
             reason = "no evaluation"
             self.warnings.append(f"case {cid}: no evaluation")
@@ -319,7 +319,7 @@ def summarise(cases: list[CaseOutcome], warnings: list[str]) -> CohortOutcomes:
     by_ind: dict[str, dict[str, int]] = {}
     by_group: dict[str, int] = {}
     for c in cases:
-        row = by_ind.setdefault(c.indication, {"n": 0, **{k: 0 for k in CATEGORIES}})
+        row = by_ind.setdefault(c.indication, {"n": 0, **dict.fromkeys(CATEGORIES, 0)})
         row["n"] += 1
         row[c.category] += 1
         by_group[c.group] = by_group.get(c.group, 0) + 1

@@ -28,7 +28,7 @@ import operator
 from datetime import date, datetime
 from decimal import Decimal, localcontext
 from fractions import Fraction
-from typing import Final, Literal, Union
+from typing import Final, Literal
 
 RULE_VERSION: Final[str] = "ruxo-response-1.0"
 """Identifies the rule above. Written into every derived resource (method/note of a response
@@ -50,7 +50,7 @@ PARTIAL_FROM: Final = Fraction(40)
 DAYS_PER_MONTH: Final = Fraction(487, 16)
 """30.4375 days: the mean Gregorian month (365.25 / 12), exactly."""
 
-Number = Union[Decimal, Fraction, int, float]
+Number = Decimal | Fraction | int | float
 """A numeric input. Decimals, Fractions and ints are taken exactly; a float is taken at its
 shortest decimal representation (``repr``), i.e. 8.1 means exactly 81/10."""
 

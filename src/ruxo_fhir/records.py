@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TextIO
 
 from ruxo_fhir.errors import InputError
-from ruxo_fhir.mapping.spec import CANONICAL_COLUMNS as CANONICAL_COLUMNS
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.model import CANONICAL_COLUMNS as CANONICAL_COLUMNS
+from ruxo_fhir.model import CaseRecord as CaseRecord
+from ruxo_fhir.model import Reject as Reject
+from ruxo_fhir.model import format_decimal as format_decimal
 from ruxo_fhir.spreadsheet import is_workbook, refuse_other_workbook, sheet_rows
-
 
 _FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _YEAR_MONTH = re.compile(r"^\d{4}-\d{2}$")
@@ -27,66 +29,6 @@ _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
 MAX_SIGNIFICANT_DIGITS = 15
 _YES = {"yes", "y", "true", "1", "oui", "o"}
 _NO = {"no", "n", "false", "0", "non"}
-
-
-@dataclass(frozen=True, slots=True)
-class CaseRecord:
-    """One treatment course, values normalised (dates ISO strings, sex F/M/other/unknown)."""
-
-    case_id: str
-    patient_id: str
-    sex: str
-    indication: str
-    treatment_start: str
-    frequency: str
-    birth_date: str | None = None
-    site: str | None = None
-    disease_onset: str | None = None
-    prior_treatments: tuple[str, ...] = ()
-    evaluation_date: str | None = None
-    improvement_pct: Decimal | None = None
-    score_name: str | None = None
-    baseline_score: Decimal | None = None
-    followup_score: Decimal | None = None
-    adverse_events: tuple[str, ...] = ()
-    recurrence_after_stop: bool | None = None
-    row: int | None = None
-
-    def to_row(self) -> dict[str, str]:
-        """The canonical CSV row (strings; lists `;`-joined; decimals plain)."""
-        return {
-            "case_id": self.case_id,
-            "patient_id": self.patient_id,
-            "sex": self.sex,
-            "birth_date": self.birth_date or "",
-            "indication": self.indication,
-            "site": self.site or "",
-            "disease_onset": self.disease_onset or "",
-            "prior_treatments": ";".join(self.prior_treatments),
-            "treatment_start": self.treatment_start,
-            "frequency": self.frequency,
-            "evaluation_date": self.evaluation_date or "",
-            "improvement_pct": format_decimal(self.improvement_pct),
-            "score_name": self.score_name or "",
-            "baseline_score": format_decimal(self.baseline_score),
-            "followup_score": format_decimal(self.followup_score),
-            "adverse_events": ";".join(self.adverse_events),
-            "recurrence_after_stop": {True: "yes", False: "no", None: ""}[self.recurrence_after_stop],
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """A row that could not be accepted: its raw values, source line and the reason."""
-
-    row: int
-    values: dict[str, str]
-    column: str
-    error: str
-
-    @property
-    def message(self) -> str:
-        return f"{self.column}: {self.error}"
 
 
 @dataclass
@@ -109,16 +51,6 @@ class ReadReport:
 
     def warning_lines(self) -> list[str]:
         return [m if n == 1 else f"{m} ({n} rows)" for m, n in self.warnings.items()]
-
-
-def format_decimal(value: Decimal | None) -> str:
-    """Plain decimal text without exponent or trailing zeros: 85.50 -> 85.5, 1E+2 -> 100."""
-    if value is None:
-        return ""
-    text = format(value.normalize(), "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
 
 
 # --- file-level: encoding and delimiter -------------------------------------------------

@@ -53,7 +53,7 @@ class RunReport:
     status: str = "ok"
 
     @classmethod
-    def start(cls, command: str, obj_args: dict[str, Any] | None = None) -> "RunReport":
+    def start(cls, command: str, obj_args: dict[str, Any] | None = None) -> RunReport:
         return cls(command=command, started=_now(), options=dict(obj_args or {}))
 
     def add_input(self, path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ruxo_fhir.mapping.ids import id_deriver
 from ruxo_fhir.mapping.spec import LabelSpec, MappingSpec
-from ruxo_fhir.records import CaseRecord
+from ruxo_fhir.model import CaseRecord
 
 Resource = dict[str, Any]
 

@@ -27,7 +27,7 @@ from ruxo_fhir.mapping.forward import (
     ROLE_SCORE_FOLLOWUP,
 )
 from ruxo_fhir.mapping.spec import LabelSpec, MappingSpec
-from ruxo_fhir.records import CaseRecord
+from ruxo_fhir.model import CaseRecord
 
 Resource = dict[str, Any]
 
@@ -155,7 +155,7 @@ class CaseAssembler:
         self._db.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> "CaseAssembler":
+    def __enter__(self) -> CaseAssembler:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,7 +190,7 @@ class CaseAssembler:
             return
         self.skipped += 1
 
-    def add_all(self, resources: Iterable[Resource]) -> "CaseAssembler":
+    def add_all(self, resources: Iterable[Resource]) -> CaseAssembler:
         for res in resources:
             self.add(res)
         return self

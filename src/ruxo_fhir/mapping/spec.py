@@ -12,17 +12,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ruxo_fhir.errors import MappingError
+from ruxo_fhir.model import CANONICAL_COLUMNS as CANONICAL_COLUMNS
 
 Confidence = Literal["C", "P", "U"]
 _RANK = {"C": 2, "P": 1, "U": 0}
 
-# The canonical case columns, in export order: the code reads each of them, so a mapping must
-# declare every one (a column the mapping forgot would be read as empty, silently).
-CANONICAL_COLUMNS: tuple[str, ...] = (
-    "case_id", "patient_id", "sex", "birth_date", "indication", "site", "disease_onset",
-    "prior_treatments", "treatment_start", "frequency", "evaluation_date", "improvement_pct",
-    "score_name", "baseline_score", "followup_score", "adverse_events", "recurrence_after_stop",
-)
 # Keys the mapping code looks up by name (forward, reverse and outcomes).
 NEEDED_PROJECT_SYSTEMS = ("indication", "score", "prior_treatment", "adverse_event")
 NEEDED_SYSTEMS = ("ucum", "data_absent_reason", "timing_abbreviation", "observation_category")
@@ -110,7 +104,7 @@ class PatientsSpec(_Model):
     match_system: str | None = None
 
     @model_validator(mode="after")
-    def _needs_system(self) -> "PatientsSpec":
+    def _needs_system(self) -> PatientsSpec:
         if self.mode != "create" and not self.match_system:
             raise ValueError(f"patients.mode {self.mode} needs patients.match_system "
                              "(the identifier system of the EHR's own Patients, e.g. its MRN)")
@@ -145,13 +139,13 @@ class MappingSpec(_Model):
     digest: str = ""
 
     @model_validator(mode="after")
-    def _check_systems(self) -> "MappingSpec":
+    def _check_systems(self) -> MappingSpec:
         for where, code in self._all_codes():
             self.system_uri(code.system, where=where)
         return self
 
     @model_validator(mode="after")
-    def _check_needed_keys(self) -> "MappingSpec":
+    def _check_needed_keys(self) -> MappingSpec:
         """Refuse at load what the code would otherwise read as empty or fail on mid-run."""
         missing = [f"columns.{c}" for c in CANONICAL_COLUMNS if c not in self.columns]
         missing += [f"project_systems.{k}" for k in NEEDED_PROJECT_SYSTEMS if k not in self.project_systems]
@@ -209,7 +203,7 @@ class MappingSpec(_Model):
             return self.systems[name]
         raise ValueError(f"unknown code system {name!r} at {where or '?'}")
 
-    def with_date_formats(self, formats: tuple[str, ...] | list[str]) -> "MappingSpec":
+    def with_date_formats(self, formats: tuple[str, ...] | list[str]) -> MappingSpec:
         """This mapping with `formats` tried first for non-ISO dates (import --date-format)."""
         if not formats:
             return self

@@ -9,7 +9,6 @@ from typing import Any, Protocol
 from ruxo_fhir.errors import RuxoError, ServerError
 from ruxo_fhir.fhir_version import FhirVersion
 from ruxo_fhir.mapping.spec import MappingSpec
-from ruxo_fhir.sync.ledger import content_hash
 from ruxo_fhir.sync.capabilities import (
     WRITTEN_TYPES,
     Capabilities,
@@ -18,6 +17,7 @@ from ruxo_fhir.sync.capabilities import (
     preflight_types,
     server_interactions,
 )
+from ruxo_fhir.sync.ledger import content_hash
 from ruxo_fhir.sync.push import case_of
 
 Resource = dict[str, Any]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ruxo_fhir.bundle import make_bundle, put_entry
-from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError, TemporaryServerError
+from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError
 from ruxo_fhir.fhir_version import FhirVersion
 from ruxo_fhir.mapping.reverse import identifier_value, identifiers
 from ruxo_fhir.mapping.spec import MappingSpec
@@ -454,9 +454,9 @@ class Pusher:
                     yield Group(g.case_id, g.resources[i:i + size])
 
     def _too_big(self, exc: ServerError) -> bool:
-        return exc.status == 413 or bool(_TOO_BIG.search(" ".join(exc.issues) + " " + exc.reason)) and (
+        return exc.status == 413 or (bool(_TOO_BIG.search(" ".join(exc.issues) + " " + exc.reason)) and (
             exc.status in (400, 413, 422)
-        )
+        ))
 
     def _send_transaction(self, groups: list[Group], hashes: dict[str, str]) -> None:
         resources = [r for g in groups for r in g.resources]

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import jwt
 import requests
@@ -32,8 +32,8 @@ AUTH_KINDS = ("none", "bearer", "basic", "smart")
 MAX_ASSERTION_SECONDS = 300
 DEFAULT_TOKEN_SECONDS = 300  # when a token response omits expires_in
 
-PublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey]
-PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 

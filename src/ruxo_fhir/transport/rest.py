@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote, urljoin, urlsplit
 
 import orjson
@@ -36,8 +36,8 @@ IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT",
 # end). 20,000 pages hold 400,000 resources at HAPI's default 20 per page; pull --max-pages raises it.
 DEFAULT_MAX_PAGES = 20_000
 
-ParamValue = Union[str, int, float, Sequence[str]]
-Params = Union[Mapping[str, ParamValue], Sequence[tuple[str, str]]]
+ParamValue = str | int | float | Sequence[str]
+Params = Mapping[str, ParamValue] | Sequence[tuple[str, str]]
 
 # Failures of the connection itself (reset, refused, DNS, timeouts, truncated chunked bodies).
 # SSLError is a ConnectionError subclass but is handled first: a bad certificate is not transient.
@@ -53,7 +53,7 @@ def _default_user_agent() -> str:
         from importlib.metadata import version
 
         return f"ruxo-fhir/{version('ruxo-fhir')}"
-    except Exception:  # noqa: BLE001 - metadata missing in odd installs; a UA is cosmetic
+    except Exception:
         return "ruxo-fhir"
 
 
