@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,10 +34,6 @@ def put_entry(resource: Resource) -> dict[str, Any]:
 
 def make_bundle(entries: list[dict[str, Any]], bundle_type: str = "transaction") -> Resource:
     return {"resourceType": "Bundle", "type": bundle_type, "entry": entries}
-
-
-def transaction_bundle(resources: Iterable[Resource], bundle_type: str = "transaction") -> Resource:
-    return make_bundle([put_entry(r) for r in resources], bundle_type)
 
 
 def dumps(obj: Any, *, pretty: bool = False) -> bytes:

@@ -9,7 +9,6 @@ writes; the output is byte-identical to `jobs=1` (same order, same bytes).
 from __future__ import annotations
 
 import csv
-import io
 import multiprocessing
 import os
 import tempfile
@@ -22,7 +21,7 @@ from typing import IO, Any
 
 import orjson
 
-from ruxo_fhir.bundle import NdjsonWriter, atomic_write_bytes, writer_for
+from ruxo_fhir.bundle import NdjsonWriter, writer_for
 from ruxo_fhir.fhir_version import FhirVersion, to_version
 from ruxo_fhir.mapping.forward import ForwardMapper, Resource
 from ruxo_fhir.mapping.spec import MappingSpec
@@ -62,18 +61,9 @@ def _reject_row(rej: Reject) -> dict[str, Any]:
     return {**rej.values, "row": rej.row, "error": rej.message}
 
 
-def write_rejects(path: Path, rejects: list[Reject]) -> None:
-    """UTF-8, comma: the row's values under the canonical names, plus `row` and `error`."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=REJECT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for rej in rejects:
-        writer.writerow(_reject_row(rej))
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
-
-
 class RejectsWriter:
-    """The rejects file, written as rejects come (same bytes as `write_rejects`).
+    """The rejects file (UTF-8, comma: the row's values under the canonical names, plus `row`
+    and `error`), written as rejects come.
 
     Rows go to a temporary file beside the target; `close()` renames it into place and
     `abort()` removes it, so a failed run never leaves a half-written rejects file.

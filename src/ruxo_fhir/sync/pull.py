@@ -20,7 +20,6 @@ import orjson
 from ruxo_fhir.bundle import atomic_write_bytes
 from ruxo_fhir.errors import InputError, UsageError
 from ruxo_fhir.fhir_version import to_r4
-from ruxo_fhir.mapping.forward import ForwardMapper
 from ruxo_fhir.mapping.reverse import identifier_value, reference_key, retracted
 from ruxo_fhir.mapping.spec import MappingSpec
 
@@ -215,10 +214,6 @@ def _filter_cohort(resources_by_type: Callable[[str], Iterator[Resource]], mappi
         if f"Patient/{patient.get('id')}" in patients and identifier_value(patient, mapping.patient_system):
             res.add("Patient")
             yield patient
-
-
-def patient_server_id(mapping: MappingSpec, patient_id: str) -> str:
-    return ForwardMapper(mapping).patient_id(patient_id)
 
 
 # --- the saved cursor for nightly incremental pulls --------------------------------------
