@@ -15,7 +15,6 @@ import pytest
 from helpers import EXAMPLE_CSV, invoke, run_cli
 
 
-
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_quiet_and_log_format_are_accepted_after_the_subcommand(tmp_path: Path, where: str) -> None:
     flags = ["-q", "--log-format", "json"]

@@ -57,7 +57,7 @@ def setup_logging(verbosity: int = 0, fmt: str = "plain") -> None:
 # --- progress on a terminal: done/total, percent, rate and ETA ------------------------------
 
 def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}"
