@@ -44,15 +44,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
-import gen_cases  # noqa: E402
+import gen_cases
 
-from ruxo_fhir.bundle import make_bundle, put_entry  # noqa: E402
-from ruxo_fhir.fhir_version import to_version  # noqa: E402
-from ruxo_fhir.importer import case_resources  # noqa: E402
-from ruxo_fhir.mapping.forward import ForwardMapper  # noqa: E402
-from ruxo_fhir.mapping.spec import load_mapping  # noqa: E402
-from ruxo_fhir.records import CaseReader, Reject  # noqa: E402
-from ruxo_fhir.validate import Validator  # noqa: E402
+from ruxo_fhir.bundle import make_bundle, put_entry
+from ruxo_fhir.fhir_version import to_version
+from ruxo_fhir.importer import case_resources
+from ruxo_fhir.mapping.forward import ForwardMapper
+from ruxo_fhir.mapping.spec import load_mapping
+from ruxo_fhir.records import CaseReader, Reject
+from ruxo_fhir.validate import Validator
 
 Resource = dict[str, Any]
 COHORT_TYPES = ("Patient", "Condition", "MedicationStatement", "Observation", "AdverseEvent")

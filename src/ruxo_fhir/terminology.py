@@ -119,33 +119,9 @@ _PREFIXES = {
     "Ki": 0, "Mi": 0, "Gi": 0, "Ti": 0,
 }
 # Metric atoms (prefixes allowed), from the UCUM essence: base units, SI and other metric units.
-_METRIC = set("""
-m s g rad K C cd mol sr Hz N Pa J W A V F Ohm S Wb Cel T H lm lx Bq Gy Sv l L ar t bar u eV pc
-[c] [h] [k] [eps_0] [mu_0] [e] [m_e] [m_p] [G] [g] atm [ly] gf Ky Gal dyn erg P St Mx G Oe Gb sb
-Lmb ph Ci R RAD REM cal [iU] [IU] mho st Np B B[SPL] B[V] B[mV] B[uV] B[10.nV] B[W] B[kW] bit By
-Bd osm eq kat U mo_g mho AU asu
-""".split())
+_METRIC = set(["m", "s", "g", "rad", "K", "C", "cd", "mol", "sr", "Hz", "N", "Pa", "J", "W", "A", "V", "F", "Ohm", "S", "Wb", "Cel", "T", "H", "lm", "lx", "Bq", "Gy", "Sv", "l", "L", "ar", "t", "bar", "u", "eV", "pc", "[c]", "[h]", "[k]", "[eps_0]", "[mu_0]", "[e]", "[m_e]", "[m_p]", "[G]", "[g]", "atm", "[ly]", "gf", "Ky", "Gal", "dyn", "erg", "P", "St", "Mx", "G", "Oe", "Gb", "sb", "Lmb", "ph", "Ci", "R", "RAD", "REM", "cal", "[iU]", "[IU]", "mho", "st", "Np", "B", "B[SPL]", "B[V]", "B[mV]", "B[uV]", "B[10.nV]", "B[W]", "B[kW]", "bit", "By", "Bd", "osm", "eq", "kat", "U", "mo_g", "mho", "AU", "asu"])
 # Non-metric atoms (no prefixes), the ones clinical data uses and their families.
-_NONMETRIC = set("""
-10* 10^ [pi] % [ppth] [ppm] [ppb] [pptr] gon deg ' '' min h d a_t a_j a_g a wk mo_s mo_j mo mo_g
-[in_i] [ft_i] [yd_i] [mi_i] [fth_i] [nmi_i] [kn_i] [sin_i] [sft_i] [syd_i] [cin_i] [cft_i]
-[cyd_i] [bf_i] [cr_i] [mil_i] [cml_i] [hd_i] [lb_av] [oz_av] [dr_av] [scwt_av] [lcwt_av] [ston_av]
-[lton_av] [stone_av] [gr] [pwt_tr] [oz_tr] [lb_tr] [sc_ap] [dr_ap] [oz_ap] [lb_ap] [oz_m]
-[gal_us] [bbl_us] [qt_us] [pt_us] [gil_us] [foz_us] [fdr_us] [min_us] [crd_us] [bu_us] [gal_wi]
-[pk_us] [dqt_us] [dpt_us] [tbs_us] [tsp_us] [cup_us] [foz_m] [cup_m] [tsp_m] [tbs_m] [gal_br]
-[pk_br] [bu_br] [qt_br] [pt_br] [gil_br] [foz_br] [fdr_br] [min_br] [drp] [pH] [degF] [degR]
-[degRe] [Cal] [Btu] [HP] [CFU] [PFU] [FFU] [BAU] [AU] [arb'U] [USP'U] [GPL'U] [MPL'U]
-[APL'U] [beth'U] [anti'Xa'U] [todd'U] [dye'U] [smgy'U] [bdsk'U] [ka'U] [knk'U] [mclg'U] [tb'U]
-[hnsf'U] [lf] [D'ag'U] [FEU] [ELU] [EU] [S] [HPF] [LPF] [MET] [mesh_i] [ch] [Ch] [hp'_X] [hp'_C]
-[hp'_M] [hp'_Q] [kp_X] [kp_C] [kp_M] [kp_Q] [srd_us] [rch_us] [rlk_us] [lk_us] [rd_us] [ft_us]
-[yd_us] [in_us] [mi_us] [acr_us] [smi_us] [sct] [twp] [mil_us] [ch_us] [fur_us] [lcwt_av]
-[in_br] [ft_br] [rd_br] [ch_br] [lk_br] [fth_br] [pc_br] [yd_br] [mi_br] [nmi_br] [kn_br] [acr_br]
-[psi] [mi_br] [diop] [p'diop] %[slope] [hnsf'U] [IR] [iU] [pca] [pca_pr] [mm_Hg] mm[Hg] cm[H2O]
-m[H2O] m[Hg] [in_i'H2O] [in_i'Hg] [wood'U] [PRU] [Amb'a'1'U] [stone_av] [lne] [pnt] [pca]
-[pied] [pouce] [ligne] [didot] [cicero] [pnt_pr] [car_m] [car_Au] [smoot] [m/s2/Hz^(1/2)] [NTU]
-[PNU] [Lf] [CCID_50] [TCID_50] [EID_50] [Btu_39] [Btu_59] [Btu_60] [Btu_m] [Btu_th] [Btu_IT]
-cal_[15] cal_[20] cal_m cal_IT cal_th [den] [tex] [CCID_50] [EID_50] [TCID_50]
-""".split())
+_NONMETRIC = set(["10*", "10^", "[pi]", "%", "[ppth]", "[ppm]", "[ppb]", "[pptr]", "gon", "deg", "'", "''", "min", "h", "d", "a_t", "a_j", "a_g", "a", "wk", "mo_s", "mo_j", "mo", "mo_g", "[in_i]", "[ft_i]", "[yd_i]", "[mi_i]", "[fth_i]", "[nmi_i]", "[kn_i]", "[sin_i]", "[sft_i]", "[syd_i]", "[cin_i]", "[cft_i]", "[cyd_i]", "[bf_i]", "[cr_i]", "[mil_i]", "[cml_i]", "[hd_i]", "[lb_av]", "[oz_av]", "[dr_av]", "[scwt_av]", "[lcwt_av]", "[ston_av]", "[lton_av]", "[stone_av]", "[gr]", "[pwt_tr]", "[oz_tr]", "[lb_tr]", "[sc_ap]", "[dr_ap]", "[oz_ap]", "[lb_ap]", "[oz_m]", "[gal_us]", "[bbl_us]", "[qt_us]", "[pt_us]", "[gil_us]", "[foz_us]", "[fdr_us]", "[min_us]", "[crd_us]", "[bu_us]", "[gal_wi]", "[pk_us]", "[dqt_us]", "[dpt_us]", "[tbs_us]", "[tsp_us]", "[cup_us]", "[foz_m]", "[cup_m]", "[tsp_m]", "[tbs_m]", "[gal_br]", "[pk_br]", "[bu_br]", "[qt_br]", "[pt_br]", "[gil_br]", "[foz_br]", "[fdr_br]", "[min_br]", "[drp]", "[pH]", "[degF]", "[degR]", "[degRe]", "[Cal]", "[Btu]", "[HP]", "[CFU]", "[PFU]", "[FFU]", "[BAU]", "[AU]", "[arb'U]", "[USP'U]", "[GPL'U]", "[MPL'U]", "[APL'U]", "[beth'U]", "[anti'Xa'U]", "[todd'U]", "[dye'U]", "[smgy'U]", "[bdsk'U]", "[ka'U]", "[knk'U]", "[mclg'U]", "[tb'U]", "[hnsf'U]", "[lf]", "[D'ag'U]", "[FEU]", "[ELU]", "[EU]", "[S]", "[HPF]", "[LPF]", "[MET]", "[mesh_i]", "[ch]", "[Ch]", "[hp'_X]", "[hp'_C]", "[hp'_M]", "[hp'_Q]", "[kp_X]", "[kp_C]", "[kp_M]", "[kp_Q]", "[srd_us]", "[rch_us]", "[rlk_us]", "[lk_us]", "[rd_us]", "[ft_us]", "[yd_us]", "[in_us]", "[mi_us]", "[acr_us]", "[smi_us]", "[sct]", "[twp]", "[mil_us]", "[ch_us]", "[fur_us]", "[lcwt_av]", "[in_br]", "[ft_br]", "[rd_br]", "[ch_br]", "[lk_br]", "[fth_br]", "[pc_br]", "[yd_br]", "[mi_br]", "[nmi_br]", "[kn_br]", "[acr_br]", "[psi]", "[mi_br]", "[diop]", "[p'diop]", "%[slope]", "[hnsf'U]", "[IR]", "[iU]", "[pca]", "[pca_pr]", "[mm_Hg]", "mm[Hg]", "cm[H2O]", "m[H2O]", "m[Hg]", "[in_i'H2O]", "[in_i'Hg]", "[wood'U]", "[PRU]", "[Amb'a'1'U]", "[stone_av]", "[lne]", "[pnt]", "[pca]", "[pied]", "[pouce]", "[ligne]", "[didot]", "[cicero]", "[pnt_pr]", "[car_m]", "[car_Au]", "[smoot]", "[m/s2/Hz^(1/2)]", "[NTU]", "[PNU]", "[Lf]", "[CCID_50]", "[TCID_50]", "[EID_50]", "[Btu_39]", "[Btu_59]", "[Btu_60]", "[Btu_m]", "[Btu_th]", "[Btu_IT]", "cal_[15]", "cal_[20]", "cal_m", "cal_IT", "cal_th", "[den]", "[tex]", "[CCID_50]", "[EID_50]", "[TCID_50]"])
 # Metric atoms that are written with a bracketed suffix (m[H2O] etc.) are in _METRIC via the parser.
 _METRIC |= {"m[H2O]", "m[Hg]", "g%", "[iU]", "[IU]", "cal_[15]", "cal_[20]", "cal_m", "cal_IT", "cal_th"}
 
