@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ruxo_fhir.connect import ServerSettings
 from ruxo_fhir.errors import RuxoError, UsageError
+from ruxo_fhir.resource import Resource
 
 if TYPE_CHECKING:  # imported where used: `ruxo-fhir --help` stays fast
     from typing import TypeAlias
@@ -40,7 +41,6 @@ if TYPE_CHECKING:  # imported where used: `ruxo-fhir --help` stays fast
 
 log = logging.getLogger("ruxo_fhir.api")
 
-Resource = dict[str, Any]
 MappingLike: TypeAlias = "MappingSpec | str | Path | None"
 #: Progress callback: `(resources done since the last call, total if known)`.
 OnProgress: TypeAlias = "Callable[[int, int | None], None]"

@@ -12,8 +12,8 @@ from typing import IO, Any
 import orjson
 
 from ruxo_fhir.errors import InputError
+from ruxo_fhir.resource import Resource
 
-Resource = dict[str, Any]
 _NS = uuid.UUID("6f1f3c1e-1b7a-4a0c-9a53-6b8f0d1e2c11")  # fixed: fullUrls are stable across runs
 
 

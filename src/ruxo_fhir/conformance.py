@@ -22,8 +22,8 @@ from importlib import resources as importlib_resources
 from typing import Any
 
 from ruxo_fhir import terminology as term
+from ruxo_fhir.resource import Resource
 
-Resource = dict[str, Any]
 Node = dict[str, Any]
 
 # Complex datatypes that carry a UCUM-coded unit.

@@ -42,10 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ruxo_fhir.resource import Resource
+
 if TYPE_CHECKING:
     from ruxo_fhir.conformance import Invariant, Rules, Trace
 
-Resource = dict[str, Any]
 Check = Callable[[Any], bool]
 ShapeCheck = Callable[[Resource], int]
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
+from ruxo_fhir.resource import Resource
+
 FhirVersion = Literal["R4", "R5"]
 VERSIONS: tuple[FhirVersion, ...] = ("R4", "R5")
-Resource = dict[str, Any]
 
 # CapabilityStatement.fhirVersion prefixes per output version; 4.3.x (R4B) takes R4 output
 # with a warning because our resources' R4 elements are unchanged in R4B.

@@ -23,9 +23,10 @@ import orjson
 
 from ruxo_fhir.bundle import NdjsonWriter, writer_for
 from ruxo_fhir.fhir_version import FhirVersion, to_version
-from ruxo_fhir.mapping.forward import ForwardMapper, Resource
+from ruxo_fhir.mapping.forward import ForwardMapper
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.records import CANONICAL_COLUMNS, Accepted, CaseReader, CaseRecord, ReadReport, Reject, _digest
+from ruxo_fhir.resource import Resource
 from ruxo_fhir.validate import Problem, Validator
 
 REJECT_COLUMNS: tuple[str, ...] = (*CANONICAL_COLUMNS, "row", "error")

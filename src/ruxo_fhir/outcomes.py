@@ -37,8 +37,7 @@ from ruxo_fhir.outcomes_rule import (
     to_decimal,
 )
 from ruxo_fhir.records import FractionCheck
-
-Resource = dict[str, Any]
+from ruxo_fhir.resource import Resource
 
 
 @dataclass

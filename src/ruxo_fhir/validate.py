@@ -20,8 +20,7 @@ import pydantic
 from ruxo_fhir.conformance import Rules, Trace, rules_for
 from ruxo_fhir.fastvalidate import MISMATCH, OK, FastPath
 from ruxo_fhir.fhir_version import FhirVersion, model_class
-
-Resource = dict[str, Any]
+from ruxo_fhir.resource import Resource
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,7 @@ from typing import Any
 from ruxo_fhir.mapping.ids import id_deriver
 from ruxo_fhir.mapping.spec import LabelSpec, MappingSpec
 from ruxo_fhir.model import CaseRecord
-
-Resource = dict[str, Any]
+from ruxo_fhir.resource import Resource
 
 # Roles: the part after "<case_id>:" in each derived resource's identifier.
 ROLE_CONDITION = "condition"

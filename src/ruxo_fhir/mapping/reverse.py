@@ -28,8 +28,7 @@ from ruxo_fhir.mapping.forward import (
 )
 from ruxo_fhir.mapping.spec import LabelSpec, MappingSpec
 from ruxo_fhir.model import CaseRecord
-
-Resource = dict[str, Any]
+from ruxo_fhir.resource import Resource
 
 
 def reference_key(reference: str | None) -> str | None:

@@ -12,8 +12,7 @@ from typing import Any
 
 from ruxo_fhir.errors import CapabilityError
 from ruxo_fhir.fhir_version import FhirVersion, data_version, server_compatibility, version_of_server
-
-Resource = dict[str, Any]
+from ruxo_fhir.resource import Resource
 
 # Every resource type push writes (the mapping's output); `check` lists each of them.
 WRITTEN_TYPES: tuple[str, ...] = ("Patient", "Condition", "MedicationStatement", "Observation", "AdverseEvent")

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from ruxo_fhir.errors import RuxoError, ServerError
 from ruxo_fhir.fhir_version import FhirVersion
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.resource import Resource
 from ruxo_fhir.sync.capabilities import (
     WRITTEN_TYPES,
     Capabilities,
@@ -19,8 +20,6 @@ from ruxo_fhir.sync.capabilities import (
 )
 from ruxo_fhir.sync.ledger import content_hash
 from ruxo_fhir.sync.push import case_of
-
-Resource = dict[str, Any]
 
 
 class Client(Protocol):

@@ -22,9 +22,9 @@ from ruxo_fhir.errors import InputError, UsageError
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.reverse import identifier_value, reference_key, retracted
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.resource import Resource
 
 log = logging.getLogger("ruxo_fhir.sync")
-Resource = dict[str, Any]
 
 PART_TYPES: tuple[str, ...] = ("Condition", "MedicationStatement", "Observation", "AdverseEvent")
 # R4 defines no `identifier` search parameter on AdverseEvent (HAPI refuses it): those are

@@ -24,6 +24,7 @@ from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError
 from ruxo_fhir.fhir_version import FhirVersion
 from ruxo_fhir.mapping.reverse import identifier_value, identifiers
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.resource import Resource
 from ruxo_fhir.sync.capabilities import Capabilities, DataVersionGuard, preflight_types
 from ruxo_fhir.sync.capabilities import check_version as check_version  # re-exported (was defined here)
 from ruxo_fhir.sync.capabilities import server_interactions as server_interactions
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ruxo_fhir.sync")
 LEDGER_WINDOW = 1000  # entries whose server versions are checked together on a re-push
-Resource = dict[str, Any]
 T = TypeVar("T")
 
 # A size refusal, not a validation error ("value exceeds maximum length" must not shrink chunks).
