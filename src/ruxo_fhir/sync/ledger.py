@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,7 +62,10 @@ class Ledger:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or state_dir() / "push-ledger.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
+        # check_same_thread off: `push --concurrency` records from its sending threads; every
+        # call below holds `_lock`, so the connection is never used by two threads at once
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._lock = threading.Lock()
         # WAL + NORMAL: a commit per chunk without an fsync each time; a crash loses at most the
         # last records, which only means those resources are sent again (PUTs are idempotent).
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -79,6 +83,11 @@ class Ledger:
         """{Type/id: Pushed(hash, versionId, lastUpdated)} for the keys the ledger knows."""
         out: dict[str, Pushed] = {}
         key_list = list(keys)
+        with self._lock:
+            self._lookup(server, key_list, out)
+        return out
+
+    def _lookup(self, server: str, key_list: list[str], out: dict[str, Pushed]) -> None:
         for i in range(0, len(key_list), 500):
             part = key_list[i:i + 500]
             marks = ",".join("?" * len(part))
@@ -88,15 +97,16 @@ class Ledger:
             )
             for key, digest, version, last_updated in rows:
                 out[key] = Pushed(digest, version, last_updated)
-        return out
 
     def record(self, server: str, items: Iterable[tuple[str, Pushed]]) -> None:
         """Store (Type/id, Pushed) after the server confirmed the write (one commit)."""
-        self._db.executemany(
-            "INSERT OR REPLACE INTO pushed (server, key, hash, version_id, last_updated) VALUES (?, ?, ?, ?, ?)",
-            [(server_key(server), k, p.hash, p.version_id, p.last_updated) for k, p in items],
-        )
-        self._db.commit()
+        rows = [(server_key(server), k, p.hash, p.version_id, p.last_updated) for k, p in items]
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO pushed (server, key, hash, version_id, last_updated) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._db.commit()
 
     def forget(self, server: str) -> None:
         self._db.execute("DELETE FROM pushed WHERE server = ?", [server_key(server)])

@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -66,6 +67,9 @@ class PushOptions:
     use_ledger: bool = True
     batch_entry_retries: int = 5
     sleep: Callable[[float], None] = time.sleep
+    # Bundles in flight at once. A bundle waits until every bundle holding a resource it
+    # references has landed, so servers with referential integrity see what they see with 1.
+    concurrency: int = 1
 
 
 @dataclass
@@ -244,6 +248,97 @@ def _outcome_lines(outcome: dict[str, Any] | None) -> list[str]:
     return summarize_outcome(outcome) if outcome else []
 
 
+class _Flight:
+    """Up to `limit` bundles in flight on sending threads, in reference order.
+
+    A bundle is submitted only after every in-flight bundle holding a resource it references
+    (`Type/id`) has landed, so a server checking referential integrity sees the order a
+    sequential push gives it. Only the keys of bundles in flight are kept (memory stays flat).
+    The first error stops new submissions; bundles already sent finish (and are recorded), then
+    the error is raised, as a sequential push would raise it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="ruxo-push")
+        self._holder: dict[str, Future[None]] = {}  # Type/id -> the in-flight bundle holding it
+        self._inflight: dict[Future[None], list[str]] = {}
+
+    def __enter__(self) -> _Flight:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:  # never leave threads sending after an error; the first error is the one raised
+            self._wait(0)
+        except BaseException:
+            if exc_type is None:
+                raise
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def submit(self, resources: list[Resource], send: Callable[[], None]) -> None:
+        keys = [f"{r['resourceType']}/{r['id']}" for r in resources]
+        needed = {self._holder[k] for k in _literal_refs(resources) if k in self._holder}
+        if needed:
+            self._settle(wait(needed).done)
+        while len(self._inflight) >= self.limit:
+            self._settle(wait(self._inflight, return_when=FIRST_COMPLETED).done)
+        future = self._pool.submit(send)
+        self._inflight[future] = keys
+        for key in keys:
+            self._holder[key] = future
+
+    def finish(self) -> None:
+        """Wait for every bundle; raise the first error."""
+        self._wait(0)
+
+    def _wait(self, leave: int) -> None:
+        error: BaseException | None = None
+        while len(self._inflight) > leave:
+            try:
+                self._settle(wait(self._inflight, return_when=FIRST_COMPLETED).done)
+            except BaseException as exc:  # keep draining: every sent bundle gets recorded
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def _settle(self, done: set[Future[None]]) -> None:
+        error: BaseException | None = None
+        for future in done:
+            keys = self._inflight.pop(future, None)
+            if keys is None:
+                continue
+            for key in keys:
+                if self._holder.get(key) is future:
+                    del self._holder[key]
+            exc = future.exception()
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
+
+
+def _literal_refs(resources: list[Resource]) -> set[str]:
+    """`Type/id` of every literal reference in the resources (conditional ones left out)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if type(node) is dict:
+            for k, v in node.items():
+                if k == "reference" and type(v) is str:
+                    if "?" not in v:
+                        found.add("/".join(v.split("/")[-2:]))
+                elif type(v) in (dict, list):
+                    walk(v)
+        elif type(node) is list:
+            for v in node:
+                walk(v)
+
+    for res in resources:
+        walk(res)
+    return found
+
+
 class Pusher:
     """Pushes a stream of resources; one instance per run."""
 
@@ -258,6 +353,10 @@ class Pusher:
         self.case_rows = case_rows or {}
         self.result = PushResult(mode=options.mode, batch_size=options.batch_size)
         self._validator: Validator | None = None
+        # Bookkeeping (counts, notices, ledger, chunk size, mode) is shared by the sending
+        # threads of `concurrency > 1`; it changes only under this lock.
+        self._lock = threading.RLock()
+        self._flight: _Flight | None = None
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, resources: Iterable[Resource]) -> PushResult:
@@ -277,7 +376,12 @@ class Pusher:
                 raise CapabilityError("server does not support transactions; use --mode batch")
             self._switch_to_batch("server declares batch but not transaction")
         try:
-            self._push_all(resources)
+            if self.opt.concurrency > 1:
+                with _Flight(self.opt.concurrency) as self._flight:
+                    self._push_all(resources)
+                    self._flight.finish()
+            else:
+                self._push_all(resources)
         except CapabilityError as exc:  # the data or a type this server cannot take: say what landed
             written = self.result.created + self.result.updated + self.result.unchanged
             raise CapabilityError(f"{exc.reason}; " + (f"{written} entries were written or confirmed before this, "
@@ -321,11 +425,15 @@ class Pusher:
 
     def _notice(self, text: str) -> None:
         log.warning(text)
-        self.result.notices.append(text)
+        with self._lock:
+            self.result.notices.append(text)
 
     def _switch_to_batch(self, why: str) -> None:
-        self.result.mode = "batch"
-        self._notice(f"switching to batch mode: {why}")
+        with self._lock:
+            if self.result.mode == "batch":  # another sending thread found out first
+                return
+            self.result.mode = "batch"
+            self._notice(f"switching to batch mode: {why}")
 
     # -- one chunk -----------------------------------------------------------------------
     def _push_chunk(self, chunk: list[Group], hashes: dict[str, str], unchanged: set[str]) -> None:
@@ -339,9 +447,13 @@ class Pusher:
         todo = [g for g in todo if g.resources]
         skipped = sum(1 for r in resources if self._key(r) in unchanged)
         if skipped:
-            self.on_progress(skipped)
+            with self._lock:
+                self.on_progress(skipped)
         if todo:
-            self._send(todo, hashes)
+            if self._flight is not None:
+                self._flight.submit([r for g in todo for r in g.resources], lambda: self._send(todo, hashes))
+            else:
+                self._send(todo, hashes)
 
     def _valid_group(self, group: Group) -> bool:
         """Local validation before sending (the same rules as import): a case with an invalid
@@ -414,7 +526,8 @@ class Pusher:
         A copy is recorded only when its content is what we sent, so a write by someone else
         between our write and this read can never be mistaken for ours.
         """
-        self.result.version_reads += 1
+        with self._lock:
+            self.result.version_reads += 1
         rows = []
         for key, found in self._read_current(keys):
             meta = found.get("meta") or {}
@@ -436,10 +549,12 @@ class Pusher:
         n = sum(len(g.resources) for g in groups)
         if n <= 1 and len(groups) <= 1:
             return False
-        new_size = max(1, min(self.result.batch_size, n) // 2)
-        if new_size < self.result.batch_size:
-            self._notice(f"server refused a bundle of {n} entries ({why}); using chunks of {new_size}")
-        self.result.batch_size = new_size
+        with self._lock:
+            current = self.result.batch_size
+            new_size = max(1, min(current, n) // 2)
+            if new_size < current:
+                self._notice(f"server refused a bundle of {n} entries ({why}); using chunks of {new_size}")
+            self.result.batch_size = new_size
         for sub in chunk_groups(self._split_groups(groups, new_size), new_size):
             self._send(sub, hashes)
         return True
@@ -462,11 +577,15 @@ class Pusher:
         resources = [r for g in groups for r in g.resources]
         bundle = make_bundle([put_entry(r) for r in resources], "transaction")
         try:
-            self.result.bundles_sent += 1
+            with self._lock:
+                self.result.bundles_sent += 1
             response = self.client.post_bundle(bundle, idempotent=True)
         except FatalServerError as exc:
             text = " ".join(exc.issues) + " " + exc.reason
             if self._too_big(exc) and self._shrink(groups, hashes, f"HTTP {exc.status}"):
+                return
+            if self.result.mode == "batch":  # another sending thread switched meanwhile
+                self._send_batch(groups, hashes)
                 return
             if _NO_TRANSACTION.search(text) and _NOT_SUPPORTED.search(text) and not self.opt.mode_explicit:
                 self._switch_to_batch("the server refused a transaction bundle")
@@ -505,14 +624,16 @@ class Pusher:
             part = resources[i:i + size]
             bundle = make_bundle([put_entry(r) for r in part], "batch")
             try:
-                self.result.bundles_sent += 1
+                with self._lock:
+                    self.result.bundles_sent += 1
                 response = self.client.post_bundle(bundle, idempotent=True)
             except FatalServerError as exc:
                 if self._too_big(exc) and len(part) > 1:
                     new_size = max(1, len(part) // 2)
-                    self._notice(f"server refused a batch of {len(part)} entries (HTTP {exc.status}); "
-                                 f"using chunks of {new_size}")
-                    self.result.batch_size = new_size
+                    with self._lock:
+                        self._notice(f"server refused a batch of {len(part)} entries (HTTP {exc.status}); "
+                                     f"using chunks of {new_size}")
+                        self.result.batch_size = new_size
                     retry_rest = self._batch_round(part, hashes, case_of_key, last=last)
                     retry.extend(retry_rest)
                     continue
@@ -542,23 +663,25 @@ class Pusher:
         the server gives; the rest from one batched read."""
         ledger_rows: list[tuple[str, Pushed]] = []
         unknown: list[str] = []
-        for res, entry in zip(resources, entries):
-            reply = entry_reply(entry if isinstance(entry, dict) else {})
-            if not reply.ok:
-                raise ServerError(f"transaction entry for {self._key(res)} answered "
-                                  f"{(entry.get('response') or {}).get('status')!r}")
-            self.result.count(res["resourceType"], reply.outcome)
-            key = self._key(res)
-            if reply.versioned:
-                ledger_rows.append((key, Pushed(hashes[key], reply.version_id, reply.last_updated)))
-            else:
-                unknown.append(key)
+        with self._lock:
+            for res, entry in zip(resources, entries):
+                reply = entry_reply(entry if isinstance(entry, dict) else {})
+                if not reply.ok:
+                    raise ServerError(f"transaction entry for {self._key(res)} answered "
+                                      f"{(entry.get('response') or {}).get('status')!r}")
+                self.result.count(res["resourceType"], reply.outcome)
+                key = self._key(res)
+                if reply.versioned:
+                    ledger_rows.append((key, Pushed(hashes[key], reply.version_id, reply.last_updated)))
+                else:
+                    unknown.append(key)
         if self.ledger is not None:
             if unknown:
                 ledger_rows += self._read_versions(unknown, hashes)
             if ledger_rows:
                 self.ledger.record(self.client.base_url, ledger_rows)
-        self.on_progress(len(resources))
+        with self._lock:
+            self.on_progress(len(resources))
 
     def _where(self, case_id: str | None) -> str:
         if not case_id:
@@ -567,20 +690,22 @@ class Pusher:
         return f"case {case_id}" + (f", row {row}" if row else "")
 
     def _reject(self, res: Resource, case_id: str | None, lines: list[str], status: int | None) -> None:
-        self.result.count(res["resourceType"], "rejected")
         where = self._where(case_id)
-        for line in lines:
-            self.result.errors.append(f"{self._key(res)}{f' ({where})' if where else ''}: {line}")
-        self.on_progress(1)
+        with self._lock:
+            self.result.count(res["resourceType"], "rejected")
+            for line in lines:
+                self.result.errors.append(f"{self._key(res)}{f' ({where})' if where else ''}: {line}")
+            self.on_progress(1)
 
     def _reject_group(self, group: Group, lines: list[str], status: int | None) -> None:
         where = self._where(group.case_id)
-        for res in group.resources:
-            self.result.count(res["resourceType"], "rejected")
         head = f"{where}: " if where else ""
-        for line in lines:
-            self.result.errors.append(f"{head}transaction rejected ({len(group.resources)} entries): {line}")
-        self.on_progress(len(group.resources))
+        with self._lock:
+            for res in group.resources:
+                self.result.count(res["resourceType"], "rejected")
+            for line in lines:
+                self.result.errors.append(f"{head}transaction rejected ({len(group.resources)} entries): {line}")
+            self.on_progress(len(group.resources))
 
 
 def push(client: Client, resources: Iterable[Resource], mapping: MappingSpec,

@@ -5,6 +5,7 @@ import email.utils
 import hashlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -331,9 +332,30 @@ class FhirClient:
         self.session.headers["User-Agent"] = user_agent
         self.session.headers["Accept"] = FHIR_JSON
         self._capabilities: dict[str, Any] | None = None
+        # A server that says "slow down" (429/503, Retry-After) says it to the whole client: the
+        # other threads of a concurrent push wait out the same pause once before their next
+        # request (`_await_pause`), instead of each finding out by its own refusal.
+        self._pause_lock = threading.Lock()
+        self._pause: tuple[int, float] = (0, 0.0)  # (epoch, time.monotonic() to wait until)
+        self._pauses_seen = threading.local()
 
     def __repr__(self) -> str:
         return f"FhirClient({self.base_url!r})"
+
+    def _set_pause(self, delay: float) -> None:
+        with self._pause_lock:
+            epoch, until = self._pause
+            self._pause = (epoch + 1, max(until, time.monotonic() + delay))
+            self._pauses_seen.epoch = epoch + 1  # this thread sleeps the delay itself
+
+    def _await_pause(self) -> None:
+        epoch, until = self._pause
+        if epoch and getattr(self._pauses_seen, "epoch", 0) != epoch:
+            self._pauses_seen.epoch = epoch
+            remaining = until - time.monotonic()
+            if remaining > 0:
+                logger.info("waiting %.1f s: the server asked this client to slow down", remaining)
+                self.retry.sleep(remaining)
 
     def __enter__(self) -> FhirClient:
         return self
@@ -496,6 +518,7 @@ class FhirClient:
         attempt, slept, reauthenticated = 0, 0.0, False
         while True:
             attempt += 1
+            self._await_pause()
             outcome = self._attempt(sending, auth)
             if isinstance(outcome, _Failure):
                 if outcome.sent and not retryable:
@@ -526,6 +549,7 @@ class FhirClient:
                     return resp  # pragma: no cover - raise_for_response raised for status >= 400
                 resp.close()
                 why = f"HTTP {resp.status_code}"
+                self._set_pause(delay)
             logger.warning(
                 "%s %s: %s; retry %d/%d in %.1f s",
                 method, sending.target, why, attempt, self.retry.max_attempts - 1, delay,

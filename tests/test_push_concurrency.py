@@ -1,0 +1,145 @@
+"""push --concurrency N against the real test FHIR engine: the same end state, counts, notices
+and ledger as N = 1, under every fault switch of the test front.
+
+Each case: push a generated cohort with 4 bundles in flight (faults on), rerun until done as a
+user would, then check the server holds exactly our resources, the counts add up, the notices
+are said once, and a rerun with the ledger writes nothing.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cohort_gen import generate_cases
+from fhirserver import TestFhirServer
+
+pytestmark = pytest.mark.e2e
+
+ALL_FAULTS = {"429": 7, "503": 11, "drop_before": 13, "drop_after": 17}
+N_CASES = 300
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Resources of N_CASES generated cases, in the order push receives them from a CSV."""
+    from ruxo_fhir.importer import source_resources
+    from ruxo_fhir.mapping.spec import load_mapping
+
+    src = tmp_path_factory.mktemp("concurrency") / "cases.csv"
+    src.write_text(generate_cases(N_CASES, seed=7), encoding="utf-8")
+    return list(source_resources(src, load_mapping()))
+
+
+def _push(server: TestFhirServer, resources: list[dict[str, Any]], ledger_path: Path, *, concurrency: int,
+          mode: str | None = None, batch_size: int = 40, runs: int = 4) -> tuple[Any, int]:
+    """The library push with short sleeps; a run that runs out of retries is rerun."""
+    from ruxo_fhir.errors import TemporaryServerError
+    from ruxo_fhir.mapping.spec import load_mapping
+    from ruxo_fhir.sync.ledger import Ledger
+    from ruxo_fhir.sync.push import PushOptions, push
+    from ruxo_fhir.transport.rest import FhirClient, RetryPolicy
+
+    for attempt in range(1, runs + 1):
+        retry = RetryPolicy(backoff_base=0.01, backoff_cap=0.05, max_total_seconds=5, jitter=0)
+        options = PushOptions(batch_size=batch_size, mode=mode or "transaction", mode_explicit=mode is not None,
+                              sleep=lambda s: time.sleep(min(s, 0.05)), concurrency=concurrency)
+        with FhirClient(server.base_url, retry=retry) as client, Ledger(ledger_path) as ledger:
+            try:
+                return push(client, resources, load_mapping(), options, ledger=ledger), attempt
+            except TemporaryServerError:
+                if attempt == runs:
+                    raise
+    raise AssertionError("unreachable")
+
+
+def _server_keys(server: TestFhirServer) -> set[str]:
+    import requests
+
+    out: set[str] = set()
+    for kind in ("Patient", "Condition", "MedicationStatement", "Observation", "AdverseEvent"):
+        url: str | None = f"{server.base_url}/{kind}?_count=1000&_elements=id"
+        while url:
+            bundle = requests.get(url, headers={"Accept": "application/fhir+json"}, timeout=60).json()
+            out |= {f"{kind}/{e['resource']['id']}" for e in bundle.get("entry", [])}
+            url = next((lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None)
+    return out
+
+
+def _keys(resources: list[dict[str, Any]]) -> set[str]:
+    return {f"{r['resourceType']}/{r['id']}" for r in resources}
+
+
+@pytest.mark.parametrize(("config", "mode", "switches", "shrinks"), [
+    pytest.param({"faults": ALL_FAULTS, "retry_after": 0}, None, False, False, id="faults-transaction"),
+    pytest.param({"faults": ALL_FAULTS, "retry_after": 0}, "batch", False, False, id="faults-batch"),
+    pytest.param({"faults": ALL_FAULTS, "retry_after": 0, "batch_only": True}, None, True, False,
+                 id="faults-batch-only-server"),
+    pytest.param({"max_bundle_entries": 15}, None, False, True, id="size-cap-413"),
+    pytest.param({"referential_integrity": True, "latency_ms": 5}, None, False, False, id="referential-integrity"),
+    pytest.param({"faults": {"429": 5}, "retry_after": 1}, None, False, False, id="retry-after"),
+])
+def test_concurrent_push_same_end_state_as_sequential(
+    fhir_server: TestFhirServer, cohort: list[dict[str, Any]], tmp_path: Path,
+    config: dict[str, Any], mode: str | None, switches: bool, shrinks: bool,
+) -> None:
+    fhir_server.configure(**config)
+    result, runs = _push(fhir_server, cohort, tmp_path / "ledger.sqlite3", concurrency=4, mode=mode)
+    stats = fhir_server.stats()
+    for fault, every in config.get("faults", {}).items():
+        assert every and stats["faults_injected"][fault] > 0, stats  # the fault really fired
+    assert result.rejected == 0 and result.errors == [], result.errors[:5]
+    if runs == 1:
+        assert result.created + result.updated == result.total == len(cohort)
+    assert result.mode == ("batch" if mode == "batch" or switches else "transaction")
+    assert len([t for t in result.notices if "switching to batch" in t]) == (1 if switches else 0), result.notices
+    assert any("chunks of" in t for t in result.notices) == shrinks, result.notices
+    assert _server_keys(fhir_server) == _keys(cohort)
+
+    writes = fhir_server.stats()["writes"]
+    again, _ = _push(fhir_server, cohort, tmp_path / "ledger.sqlite3", concurrency=4, mode=mode)
+    assert again.unchanged == again.total == len(cohort)
+    assert fhir_server.stats()["writes"] == writes  # the ledger skips everything: no write at all
+
+
+def test_concurrency_keeps_reference_order_and_counts_of_one(
+    fhir_server: TestFhirServer, cohort: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """With referential integrity on, a case bundle sent before the bundle carrying its Patient
+    landed would be refused; 8 in flight, with every 3rd write refused (503) so that bundles
+    overtake each other, must still see none refused, and the counts per type are those of a
+    sequential push."""
+    fhir_server.configure(referential_integrity=True, faults={"503": 3}, retry_after=0)
+    result, runs = _push(fhir_server, cohort, tmp_path / "l8.sqlite3", concurrency=8, batch_size=10)
+    assert runs == 1 and result.rejected == 0, result.errors[:3]
+    assert fhir_server.stats()["faults_injected"]["503"] > 0
+    fhir_server.reset()
+    fhir_server.configure(referential_integrity=True)
+    sequential, _ = _push(fhir_server, cohort, tmp_path / "l1.sqlite3", concurrency=1, batch_size=10)
+    assert {k: dict(v) for k, v in result.by_type.items()} == {k: dict(v) for k, v in sequential.by_type.items()}
+    assert result.bundles_sent == sequential.bundles_sent
+    assert _server_keys(fhir_server) == _keys(cohort)
+
+
+def test_a_server_pause_slows_every_thread_once() -> None:
+    """A Retry-After seen by one thread makes the others wait it out once, before their next
+    request; the thread that saw it sleeps it itself, not twice."""
+    from ruxo_fhir.transport.rest import FhirClient, RetryPolicy
+
+    slept: dict[str, list[float]] = {}
+
+    def sleep(seconds: float) -> None:
+        slept.setdefault(threading.current_thread().name, []).append(seconds)
+
+    client = FhirClient("http://127.0.0.1:9/fhir", retry=RetryPolicy(sleep=sleep))
+    seen = threading.Thread(target=lambda: (client._set_pause(30.0), client._await_pause()), name="saw-429")
+    seen.start()
+    seen.join()
+    other = threading.Thread(target=lambda: (client._await_pause(), client._await_pause()), name="other")
+    other.start()
+    other.join()
+    assert "saw-429" not in slept  # it sleeps the delay in its own retry loop, not again here
+    assert len(slept["other"]) == 1 and 29.0 < slept["other"][0] <= 30.0
