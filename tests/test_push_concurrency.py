@@ -143,3 +143,36 @@ def test_a_server_pause_slows_every_thread_once() -> None:
     other.join()
     assert "saw-429" not in slept  # it sleeps the delay in its own retry loop, not again here
     assert len(slept["other"]) == 1 and 29.0 < slept["other"][0] <= 30.0
+
+
+def test_cli_push_csv_streams_with_concurrency_and_names_bad_rows(
+    fhir_server: TestFhirServer, tmp_path: Path
+) -> None:
+    """`push CASES.csv --concurrency 4`: a bad row is named (file, row, why) and not pushed, the
+    rest lands, exit 1; a rerun writes nothing."""
+    from e2e_cli import Run, run_cli
+
+    lines = generate_cases(60, seed=11).splitlines()
+    fields = lines[5].split(",")
+    fields[0] = "BAD-ROW"
+    fields[9] = "EVERY-FULL-MOON"  # frequency
+    lines[5] = ",".join(fields)
+    src = tmp_path / "cases.csv"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    state = tmp_path / "state"
+    args = ["push", src, "--server", fhir_server.base_url, "--batch-size", "20", "--concurrency", "4"]
+    run = run_cli(Run, *args, state=state)
+    assert run.exit_code == 1, run
+    assert "Traceback" not in run.stderr
+    assert any(f"{src}, row 6:" in ln and "frequency" in ln for ln in run.lines), run
+    summary = [ln for ln in run.lines if ln.startswith("created ")]
+    assert summary and "rejected 0" in summary[-1], run
+    from ruxo_fhir.importer import source_resources
+    from ruxo_fhir.mapping.spec import load_mapping
+
+    expected = list(source_resources(src, load_mapping()))  # the 59 good rows' resources
+    assert f"total {len(expected)}" in summary[-1], run
+    assert _server_keys(fhir_server) == _keys(expected)
+    writes = fhir_server.stats()["writes"]
+    again = run_cli(Run, *args, state=state)
+    assert again.exit_code == 1 and fhir_server.stats()["writes"] == writes, again

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # imported where used: `ruxo-fhir --help` stays fast
     from ruxo_fhir.importer import ImportResult
     from ruxo_fhir.mapping.spec import MappingSpec
     from ruxo_fhir.outcomes import CohortOutcomes
-    from ruxo_fhir.records import Reject
+    from ruxo_fhir.records import CaseReader, Reject
     from ruxo_fhir.runreport import RunReport
     from ruxo_fhir.sync.plan import CheckLine, PushPlan
     from ruxo_fhir.sync.pull import PullResult
@@ -190,6 +190,9 @@ class PushOptions:
     ledger_path: Path | None = None  # default: the user state dir (RUXO_FHIR_STATE_DIR)
     report: Path | None = None
     on_progress: OnProgress | None = None
+    # Bundles in flight at once (1: one request at a time). Worth raising for a remote server
+    # that is slow per request but takes several at once; the reference order is kept.
+    concurrency: int = 1
 
 
 @dataclass
@@ -209,17 +212,63 @@ class PushSummary:
         return 1 if (self.result is not None and self.result.rejected) or self.row_rejects else 0
 
 
+class RecentRows(dict[str, int]):
+    """case_id -> source row of the most recent `limit` cases: push names a refused case's row
+    while the case is in flight, and memory stays flat on a CSV of any length."""
+
+    def __init__(self, limit: int = 50_000) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: str, value: int) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.limit:
+            del self[next(iter(self))]  # the oldest (dicts keep insertion order)
+
+
 def _push_source(path: Path, mapping: MappingSpec, version: FhirVersion,
                  case_rows: dict[str, int], rejects: list[Reject]) -> Iterable[Resource]:
-    """A case CSV is mapped on the fly (rows remembered for errors); ndjson folders stream."""
+    """A case CSV is mapped as push consumes it (streamed, rows remembered for errors); Bundle
+    files and ndjson folders stream too."""
     from ruxo_fhir.bundle import iter_push_resources, refuse_spreadsheet
-    from ruxo_fhir.importer import is_case_sheet, source_resources
+    from ruxo_fhir.importer import is_case_sheet
+    from ruxo_fhir.records import CaseReader
 
     if is_case_sheet(path):
-        return list(source_resources(path, mapping, version=version, rejects=rejects, case_rows=case_rows))
+        reader = CaseReader(path, mapping)  # an unusable file is refused here, before any request
+        return CaseStream(reader, mapping, version, case_rows, rejects)
     if path.is_file():
         refuse_spreadsheet(path)  # before any request: a workbook must be imported first
     return iter_push_resources(path)
+
+
+class CaseStream:
+    """The resources of a case CSV, mapped as push consumes them (memory stays flat), counting
+    rows and resources so progress can show an estimated total that is exact at the end."""
+
+    def __init__(self, reader: CaseReader, mapping: MappingSpec, version: FhirVersion, case_rows: dict[str, int],
+                 rejects: list[Reject]) -> None:
+        self.reader, self.mapping, self.version = reader, mapping, version
+        self.case_rows, self.rejects = case_rows, rejects
+        self.resources = 0
+        self.finished = False
+
+    def __iter__(self) -> Iterator[Resource]:
+        from ruxo_fhir.importer import case_resources
+
+        for record, resources in case_resources(self.reader, self.mapping, self.version, self.rejects.append):
+            self.case_rows[record.case_id] = record.row or 0
+            self.resources += len(resources)
+            yield from resources
+        self.finished = True
+
+    def estimated_total(self, rows: int | None) -> int | None:
+        if self.finished:
+            return self.resources
+        done = self.reader.report.total
+        if not rows or not done:
+            return None
+        return self.resources + round(max(0, rows - done) * self.resources / done)
 
 
 def push(file: str | Path, server: ServerSettings, options: PushOptions | None = None) -> PushSummary:
@@ -237,7 +286,7 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
     run.add_input(Path(file))
     run.set_mapping(mapping)
     summary = PushSummary(server=server.url or "")
-    case_rows: dict[str, int] = {}
+    case_rows: dict[str, int] = RecentRows()
     resources = _push_source(Path(file), mapping, version, case_rows, summary.row_rejects)
     client = make_client(server)
     try:
@@ -273,13 +322,17 @@ def _push(client: FhirClient, resources: Iterable[Resource], mapping: MappingSpe
 
     options = SyncPushOptions(batch_size=opt.batch_size or server.batch_size or 200,
                                     mode=opt.mode or "transaction", mode_explicit=opt.mode is not None,
-                                    version=version, use_ledger=opt.use_ledger)
+                                    version=version, use_ledger=opt.use_ledger, concurrency=opt.concurrency)
     progress = None
     if opt.on_progress is not None:  # a total for every input kind: a list, a Bundle, an ndjson folder
         from ruxo_fhir.progress import count_items
 
-        total = len(resources) if isinstance(resources, list) else count_items(source)
-        progress = _progress(opt.on_progress, total)
+        if isinstance(resources, CaseStream):  # streamed: estimated as it goes, exact at the end
+            sink, stream, rows = opt.on_progress, resources, count_items(source)
+            progress = lambda n: sink(n, stream.estimated_total(rows))  # noqa: E731
+        else:
+            total = len(resources) if isinstance(resources, list) else count_items(source)
+            progress = _progress(opt.on_progress, total)
     with Ledger(opt.ledger_path) as ledger:
         result = summary.result = sync_push(client, resources, mapping, options, ledger=ledger,
                                                  on_progress=progress, case_rows=case_rows)

@@ -357,12 +357,14 @@ class Progress:
 @mapping_option
 @click.option("--dry-run", is_flag=True, help="Read-only: print what would be created/updated/unchanged.")
 @click.option("--no-ledger", is_flag=True, help="Do not consult or update the local push ledger.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Bundles in flight at once (raise it for a remote server that is slow per request).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a JSON run report.")
 @click.pass_obj
 @handles_errors
 def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, fhir_version: str | None,
-             mapping_path: Path | None, dry_run: bool, no_ledger: bool, report_path: Path | None,
+             mapping_path: Path | None, dry_run: bool, no_ledger: bool, concurrency: int, report_path: Path | None,
              **kwargs: Any) -> None:
     """Push a Bundle, an ndjson folder or a case CSV to a FHIR server, idempotently.
 
@@ -379,7 +381,8 @@ def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, 
     settings = need_server(kwargs)
     progress = Progress(obj, "pushed")
     options = api.PushOptions(batch_size=batch_size, mode=mode, fhir_version=fhir_version, mapping=mapping_path,
-                              dry_run=dry_run, use_ledger=not no_ledger, report=report_path, on_progress=progress)
+                              dry_run=dry_run, use_ledger=not no_ledger, report=report_path, on_progress=progress,
+                              concurrency=concurrency)
     try:
         summary = api.push(file, settings, options)
     finally:
