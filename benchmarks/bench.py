@@ -1,22 +1,22 @@
 """ruxo-fhir benchmark: every stage beside its floor, measured in the same run.
 
-    python benchmarks/bench.py                   # N = 10k and 100k, push/pull on 2k rows
-    python benchmarks/bench.py --full            # adds N = 1M (about an hour on 2 slow cores)
-    python benchmarks/bench.py --sizes 10000 --push-rows 1000 --write-readme
+    python benchmarks/bench.py                   # 25k rows (jobs 1, 2); push of 3000 cases at 0/200 ms
+    python benchmarks/bench.py --sizes 25000,1000000 --push-cases 1000   # adds 1M rows (long)
+    python benchmarks/bench.py --sizes 2000 --push-cases 100 --latencies 0,50 --levels 1,4   # a quick look
 
 Stages and floors (ratios, not absolute times: shared machines are noisy):
 
-- import+validate: `ruxo-fhir import --format ndjson` in a subprocess (per-row time = wall(N)
-  minus wall(1 row), so interpreter start and model loading are not counted) vs. a floor
-  that only writes the same resources, already parsed into memory, with orjson to a file.
-  Peak RSS is sampled over the whole process tree (main + --jobs workers, summed).
+- start-up: `ruxo-fhir --help`, an import of one row, and the bare interpreter (best of 3).
+- import+validate: `ruxo-fhir import --format ndjson` in one subprocess, start-up included, vs.
+  a floor that writes the same resources, parsed into memory beforehand, as
+  `orjson.dumps(resource)` + newline to one file (best of 3); wall and CPU ratios. Peak RSS is
+  sampled over the whole process tree (main + --jobs workers, summed).
 - where the import time goes, per row, on min(N, 20k) rows in this process.
-- push: `ruxo_fhir.sync.push.push` (FhirClient, fresh ledger in a temp dir) vs. `requests.post`
-  of the same transaction bundles, prepared (serialised) beforehand, to the same test server
-  (tests/fhirserver.TestFhirServer), reset in between. Then a re-push of the same data: write
-  entries sent (must be 0) and requests.
-- pull: `ruxo_fhir.sync.pull.pull_cohort` to ndjson vs. raw paging GETs of every cohort type
-  following next links (requests), same page size.
+- push --concurrency c (c = 1, 2, 4, 8) vs. sequential `requests.post` of the same transaction
+  bundles, serialised beforehand, to the same test server emptied in between, at each server
+  latency (the test front's `latency_ms` switch); then a re-push: write entries sent (must be 0).
+- push CASES.csv memory: peak RSS of the CLI push of a CSV at two sizes (streamed: flat).
+- `--pull`: the older push/pull/re-push stage of `--push-rows` rows (pull vs raw paging GETs).
 
 Not collected by pytest (no test_ prefix, outside tests/).
 """
@@ -149,10 +149,11 @@ def run_import(csv_path: Path, out: Path, jobs: int) -> dict[str, Any]:
 
 # --- floors -----------------------------------------------------------------------------------
 
-def orjson_floor(ndjson_dir: Path, target: Path, batch: int = 50_000) -> tuple[float, int]:
-    """Seconds to orjson-serialise and write the resources of an ndjson folder, parsed beforehand
-    in batches (parsing is not timed), and how many resources that was."""
-    seconds, count = 0.0, 0
+def orjson_floor(ndjson_dir: Path, target: Path, batch: int = 50_000, repeat: int = 3) -> tuple[float, float]:
+    """Seconds to write the resources of an ndjson folder as `orjson.dumps(resource)` plus a
+    newline to one file, the resources parsed into memory beforehand (in batches, parsing not
+    timed); each batch best of `repeat`. Returns (wall seconds, CPU seconds of those best runs)."""
+    seconds, cpu_seconds = 0.0, 0.0
     with target.open("wb") as out:
         for path in sorted(ndjson_dir.glob("*.ndjson")):
             with path.open("rb") as fh:
@@ -163,14 +164,44 @@ def orjson_floor(ndjson_dir: Path, target: Path, batch: int = 50_000) -> tuple[f
                     resources = [orjson.loads(line) for line in lines]
                     del lines
                     dumps, write = orjson.dumps, out.write
-                    t0 = time.perf_counter()
-                    for res in resources:
-                        write(dumps(res))
-                        write(b"\n")
-                    out.flush()
-                    seconds += time.perf_counter() - t0
-                    count += len(resources)
-    return seconds, count
+                    start = out.tell()
+                    best = (float("inf"), 0.0)
+                    for _ in range(repeat):
+                        out.seek(start)
+                        out.truncate()
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        for res in resources:
+                            write(dumps(res))
+                            write(b"\n")
+                        out.flush()
+                        best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
+                    seconds += best[0]
+                    cpu_seconds += best[1]
+    return seconds, cpu_seconds
+
+
+def startup_times(tmp: Path, seed: int, repeat: int = 3) -> dict[str, tuple[float, float]]:
+    """(best wall s, CPU s of that run) of `ruxo-fhir --help` and of an import of one row."""
+    one = gen_cases.write_cases(tmp / "one.csv", 1, seed)
+    commands = {
+        "ruxo-fhir --help": [sys.executable, "-m", "ruxo_fhir", "--help"],
+        "ruxo-fhir import (1 row)": [sys.executable, "-m", "ruxo_fhir", "-q", "import", str(one), "-o",
+                                     str(tmp / "one-out"), "--format", "ndjson"],
+        "python -c pass (interpreter alone)": [sys.executable, "-c", "pass"],
+    }
+    out: dict[str, tuple[float, float]] = {}
+    for name, cmd in commands.items():
+        best = (float("inf"), 0.0)
+        for _ in range(repeat):
+            before = os.times()
+            t0 = time.perf_counter()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            wall = time.perf_counter() - t0
+            after = os.times()
+            cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            best = min(best, (wall, cpu))
+        out[name] = best
+    return out
 
 
 # --- where the time goes ----------------------------------------------------------------------
@@ -346,6 +377,80 @@ def server_stages(resources: list[Resource], batch: int, page: int, tmp: Path, r
     return out
 
 
+def push_concurrency(resources: list[Resource], batch: int, latencies: list[int], levels: list[int],
+                     tmp: Path) -> list[dict[str, Any]]:
+    """`push --concurrency c` vs sequential raw transaction POSTs of the same bundles, per
+    server latency (the test front's latency_ms switch: a delay before every request, the
+    engine's reply untouched), each on an emptied server; then a re-push (writes sent)."""
+    import requests
+    from fhirserver import TestFhirServer
+
+    from ruxo_fhir.sync.ledger import Ledger
+    from ruxo_fhir.sync.push import PushOptions, chunk_groups, group_resources, push
+    from ruxo_fhir.transport.rest import FhirClient
+
+    mapping = load_mapping(None)
+    bodies = [orjson.dumps(make_bundle([put_entry(r) for g in chunk for r in g.resources], "transaction"))
+              for chunk in chunk_groups(group_resources(resources, mapping), batch)]
+    rows: list[dict[str, Any]] = []
+    server = TestFhirServer().start()
+    try:
+        base = server.base_url
+        session = requests.Session()
+        headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+        for body in bodies[:3]:  # warm-up (the engine's JIT)
+            session.post(base, data=body, headers=headers, timeout=600).raise_for_status()
+        for latency in latencies:
+            server.reset()
+            server.configure(latency_ms=latency)
+            t0 = time.perf_counter()
+            for body in bodies:
+                session.post(base, data=body, headers=headers, timeout=600).raise_for_status()
+            raw = time.perf_counter() - t0
+            for level in levels:
+                server.reset()
+                server.configure(latency_ms=latency)
+                ledger_dir = Path(tempfile.mkdtemp(dir=tmp, prefix="ledger"))
+                with FhirClient(base) as client, Ledger(ledger_dir / "ledger.sqlite3") as ledger:
+                    options = PushOptions(batch_size=batch, concurrency=level)
+                    t, result = timed(lambda: push(client, resources, mapping, options, ledger=ledger))
+                    assert result.created + result.updated == len(resources), result.summary_line
+                    row = {"engine": "Medplum fhir-router (test front)", "latency_ms": latency,
+                           "concurrency": level, "push_s": t, "raw_s": raw, "bundles": len(bodies),
+                           "requests": client.request_count}
+                    if level == levels[-1]:
+                        before = server.stats()
+                        again = push(client, resources, mapping, options, ledger=ledger)
+                        row["repush_entries_written"] = server.stats()["entries_written"] - before["entries_written"]
+                        row["repush_unchanged"] = again.unchanged
+                rows.append(row)
+    finally:
+        server.stop()
+    return rows
+
+
+def push_csv_memory(rows: int, tmp: Path, seed: int) -> dict[str, float]:
+    """Peak RSS of `ruxo-fhir push CASES.csv` (to the test server, emptied first) at two sizes:
+    the CSV is mapped as push consumes it, so memory should not grow with the file."""
+    from fhirserver import TestFhirServer
+
+    out: dict[str, float] = {}
+    server = TestFhirServer().start()
+    try:
+        for n in (rows // 10, rows):
+            csv_path = gen_cases.write_cases(tmp / f"pushmem{n}.csv", n, seed)
+            server.reset()
+            cmd = [sys.executable, "-m", "ruxo_fhir", "-q", "push", str(csv_path), "--server", server.base_url]
+            env = {**os.environ, "RUXO_FHIR_STATE_DIR": str(tmp / f"pushmem-state{n}")}
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            with TreeMemory(proc.pid) as mem:
+                proc.wait()
+            out[f"{n:,} rows"] = mem.peak_rss_kb / 1024
+    finally:
+        server.stop()
+    return out
+
+
 # --- report -----------------------------------------------------------------------------------
 
 def machine() -> str:
@@ -370,7 +475,7 @@ def fmt_ratio(value: float, target: float | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000", help="comma-separated row counts (default 10k,100k)")
+    ap.add_argument("--sizes", default="25000", help="comma-separated row counts (default 25k)")
     ap.add_argument("--full", action="store_true", help="also N = 1,000,000")
     ap.add_argument("--jobs", default="1,2", help="--jobs values to run the import with (default 1,2)")
     ap.add_argument("--push-rows", type=int, default=1000,
@@ -379,7 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--page-size", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=2, help="push: best of R runs (default 2); pull runs once")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--no-server", action="store_true", help="skip push/pull")
+    ap.add_argument("--no-server", action="store_true", help="skip every server stage")
+    ap.add_argument("--pull", action="store_true", help="also the push/pull/re-push stage of --push-rows rows")
+    ap.add_argument("--push-cases", type=int, default=3000, help="cases of the concurrency stage (default 3000)")
+    ap.add_argument("--push-batch", type=int, default=100, help="batch size of the concurrency stage (default 100)")
+    ap.add_argument("--latencies", default="0,200", help="server latencies in ms (default 0,200)")
+    ap.add_argument("--levels", default="1,2,4,8", help="push --concurrency levels (default 1,2,4,8)")
+    ap.add_argument("--push-mem-rows", type=int, default=10000,
+                    help="push CASES.csv memory: rows of the larger file (a tenth for the smaller; 0 = skip)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of a 5k-row import")
     ap.add_argument("--write-readme", action="store_true", help="replace the results in benchmarks/README.md")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
@@ -403,26 +515,46 @@ def main(argv: list[str] | None = None) -> int:
         say(f"machine: {machine()}")
         say(f"started {time.strftime('%Y-%m-%d %H:%M:%S')}, seed {args.seed}")
         say()
+        st = startup_times(tmp, args.seed)
+        say("## start-up (best of 3; wall on this machine, CPU of that run)")
+        say()
+        say("| command | wall s | CPU s |")
+        say("|---|---:|---:|")
+        for name, (wall, cpu) in st.items():
+            say(f"| `{name}` | {wall:.2f} | {cpu:.2f} |")
+        say()
         few = 20  # rows that already bring every resource type: start-up incl. loading the model classes
         one = gen_cases.write_cases(tmp / "startup.csv", few, args.seed)
         startup = {j: min(run_import(one, tmp / f"startup-out{j}", j)["wall"] for _ in range(2)) for j in jobs_list}
-        say(f"## import --format ndjson (subprocess; per-row time excludes the {few}-row start-up: "
-            + ", ".join(f"jobs {j}: {s:.2f} s" for j, s in startup.items()) + ")")
+        say("## import --format ndjson (one subprocess, start-up included) vs the orjson floor")
         say()
-        say("| rows | jobs | wall s | rows/s | floor: orjson write s | import / floor | peak RSS, tree sum | "
-            "peak PSS, tree sum | max RSS of one process |")
-        say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        say("floor: the same resources, parsed into memory beforehand, each written as `orjson.dumps(r)` + "
+            "newline to one file, best of 3. Per-row rate leaves the 20-row start-up out ("
+            + ", ".join(f"jobs {j}: {s:.2f} s" for j, s in startup.items()) + ").")
+        say()
+        say("On a loaded machine wall time measures the queue for the CPUs more than the work: the CPU "
+            "ratio (CPU seconds of the import process tree / CPU seconds of the floor) is the steadier one.")
+        say()
+        say("| rows | jobs | wall s | floor wall s | import / floor (wall) | CPU s (tree) | floor CPU s | "
+            "import / floor (CPU) | rows/s (no start-up) | peak RSS, tree sum | peak PSS, tree sum | "
+            "max RSS of one process |")
+        say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in sizes:
             csv_path = gen_cases.write_cases(tmp / f"cases{n}.csv", n, args.seed)
             floor_s: float | None = None
+            floor_cpu = 0.0
             for j in jobs_list:
                 out = tmp / f"out{n}-{j}"
+                before = os.times()
                 r = run_import(csv_path, out, j)
+                after = os.times()
+                cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
                 work = max(1e-9, r["wall"] - startup[j]) * n / (n - few)
                 if floor_s is None:
-                    floor_s, _count = orjson_floor(out, tmp / "floor.ndjson")
-                say(f"| {n:,} | {j} | {r['wall']:.1f} | {n / work:,.0f} | {floor_s:.2f} | "
-                    f"{fmt_ratio(work / floor_s, 10)} | {r['tree_rss_mb']:.0f} MB ({r['procs']} procs) | "
+                    floor_s, floor_cpu = orjson_floor(out, tmp / "floor.ndjson")
+                say(f"| {n:,} | {j} | {r['wall']:.1f} | {floor_s:.2f} | {fmt_ratio(r['wall'] / floor_s, 10)} | "
+                    f"{cpu:.1f} | {floor_cpu:.2f} | {fmt_ratio(cpu / max(floor_cpu, 1e-9))} | {n / work:,.0f} | "
+                    f"{r['tree_rss_mb']:.0f} MB ({r['procs']} procs) | "
                     f"{r['tree_pss_mb']:.0f} MB | {r['max_rss_mb']:.0f} MB |")
                 with contextlib.suppress(OSError):
                     subprocess.run(["rm", "-rf", str(out)], check=False)
@@ -447,6 +579,38 @@ def main(argv: list[str] | None = None) -> int:
             say(profile_import(gen_cases.write_cases(tmp / "prof.csv", 5000, args.seed), tmp / "prof-out"))
             say("```")
         if not args.no_server:
+            latencies = [int(x) for x in args.latencies.split(",") if x]
+            levels = [int(x) for x in args.levels.split(",") if x]
+            resources = cohort(args.push_cases, args.seed, tmp)
+            conc = push_concurrency(resources, args.push_batch, latencies, levels, tmp)
+            say(f"## push --concurrency vs sequential raw transaction POSTs ({args.push_cases:,} cases = "
+                f"{len(resources):,} resources, batch {args.push_batch} = {conc[0]['bundles']} bundles, "
+                "empty server each time; target at 200 ms, c=4: <= 0.4x)")
+            say()
+            say("| engine | latency | concurrency | push s | raw POST s (sequential) | push / raw | requests |")
+            say("|---|---:|---:|---:|---:|---:|---:|")
+            for row in conc:
+                target = 0.4 if row["latency_ms"] >= 200 and row["concurrency"] == 4 else None
+                say(f"| {row['engine']} | {row['latency_ms']} ms | {row['concurrency']} | {row['push_s']:.1f} | "
+                    f"{row['raw_s']:.1f} | {fmt_ratio(row['push_s'] / row['raw_s'], target)} | {row['requests']} |")
+            say()
+            for row in conc:
+                if "repush_entries_written" in row:
+                    say(f"re-push of the same data (latency {row['latency_ms']} ms, concurrency {row['concurrency']}): "
+                        f"{row['repush_entries_written']} entries written, {row['repush_unchanged']:,} unchanged")
+            say()
+            say("HAPI FHIR JPA: not measured in this run (no HAPI engine fixture in this checkout yet).")
+            say()
+            if args.push_mem_rows:
+                mem = push_csv_memory(args.push_mem_rows, tmp, args.seed)
+                say("## push CASES.csv memory (peak RSS of the push process, streamed CSV)")
+                say()
+                say("| file | peak RSS |")
+                say("|---|---:|")
+                for name, mb in mem.items():
+                    say(f"| {name} | {mb:.0f} MB |")
+                say()
+        if not args.no_server and args.pull:
             resources = cohort(args.push_rows, args.seed, tmp)
             s = server_stages(resources, args.batch_size, args.page_size, tmp, args.repeat)
             say(f"## server stages ({args.push_rows:,} rows = {s['entries']:,} resources; batch {s['batch']}, "
