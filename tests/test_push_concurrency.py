@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cohort_gen import generate_cases
 from fhirserver import TestFhirServer
 

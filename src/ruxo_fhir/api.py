@@ -437,7 +437,6 @@ def _pulled(client: FhirClient, mapping: MappingSpec, opt: PullOptions, since: s
                                   max_pages=opt.max_pages)
         yield from pull_cohort(client, mapping, options, result)
         return
-    from collections.abc import Iterator
 
     from ruxo_fhir.bundle import iter_resources
     from ruxo_fhir.transport.bulk import bulk_export_to_dir
