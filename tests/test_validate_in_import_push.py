@@ -67,3 +67,23 @@ def test_push_leaves_out_a_case_whose_resource_breaks_a_rule(fhir_server: TestFh
     total = len(bundle["entry"])
     counts = requests.get(f"{fhir_server.root_url}/$admin/count", timeout=30).json()
     assert 0 < sum(counts.values()) < total
+
+
+@pytest.mark.e2e
+def test_push_in_batch_mode_leaves_out_only_the_invalid_resource(fhir_server: TestFhirServer, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    bundle_path = tmp_path / "example.json"
+    assert run_cli(Run, "import", EXAMPLE_CSV, "-o", bundle_path, state=state).exit_code == 0
+    bundle = json.loads(bundle_path.read_text(encoding="utf-8"))
+    broken = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    broken["gender"] = "F"
+    bundle_path.write_text(json.dumps(bundle), encoding="utf-8")
+
+    run = run_cli(Run, "push", bundle_path, "--server", fhir_server.base_url, "--mode", "batch", state=state)
+    assert run.exit_code == 1, run
+    lines = [line for line in run.stderr.splitlines() if "not sent" in line]
+    assert len(lines) == 1 and f"Patient/{broken['id']}" in lines[0] and "binding" in lines[0], run
+    counts = requests.get(f"{fhir_server.root_url}/$admin/count", timeout=30).json()
+    assert sum(counts.values()) == len(bundle["entry"]) - 1
+    got = requests.get(f"{fhir_server.base_url}/Patient/{broken['id']}", timeout=30)
+    assert got.status_code == 404

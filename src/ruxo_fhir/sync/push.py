@@ -438,7 +438,7 @@ class Pusher:
     # -- one chunk -----------------------------------------------------------------------
     def _push_chunk(self, chunk: list[Group], hashes: dict[str, str], unchanged: set[str]) -> None:
         self.result.total += sum(len(g.resources) for g in chunk)
-        chunk = [g for g in chunk if self._valid_group(g)]
+        chunk = [g for g in map(self._valid_group, chunk) if g is not None]
         resources = [r for g in chunk for r in g.resources]
         for res in resources:
             if self._key(res) in unchanged:
@@ -455,24 +455,36 @@ class Pusher:
             else:
                 self._send(todo, hashes)
 
-    def _valid_group(self, group: Group) -> bool:
-        """Local validation before sending (the same rules as import): a case with an invalid
-        resource is rejected whole, with its case and row, and nothing of it is sent."""
+    def _valid_group(self, group: Group) -> Group | None:
+        """Local validation before sending (the same rules as import), rejected as the server
+        would: in transaction mode the case travels together, so a case with an invalid resource
+        is not sent at all; in batch mode only the invalid resource stays behind."""
         if self._validator is None:
             from ruxo_fhir.validate import Validator
 
             self._validator = Validator(self.opt.version)
-        lines = [f"{p.location}  {p.rule}  {p.message}" for r in group.resources for p in self._validator.validate(r)]
-        if not lines:
-            return True
+        problems = {self._key(r): self._validator.validate(r) for r in group.resources}
+        if not any(problems.values()):
+            return group
+        ver = self.opt.version
+        if self.result.mode == "batch":
+            for res in group.resources:
+                found = problems[self._key(res)]
+                if found:
+                    self._reject(res, group.case_id, [f"not sent, FHIR {ver} validation error: {p.location}  "
+                                                      f"{p.rule}  {p.message}" for p in found], None)
+            kept = [r for r in group.resources if not problems[self._key(r)]]
+            return Group(group.case_id, kept) if kept else None
         where = self._where(group.case_id)
         for res in group.resources:
             self.result.count(res["resourceType"], "rejected")
-        for line in lines:
-            self.result.errors.append(f"{where + ': ' if where else ''}not sent, fails FHIR {self.opt.version} "
-                                      f"validation: {line}")
+        for key, found in problems.items():
+            for p in found:
+                self.result.errors.append(f"{where + ': ' if where else ''}case not sent ({len(group.resources)} "
+                                          f"entries), FHIR {ver} validation error: {key}: {p.location}  {p.rule}  "
+                                          f"{p.message}")
         self.on_progress(len(group.resources))
-        return False
+        return None
 
     def _key(self, res: Resource) -> str:
         return f"{res['resourceType']}/{res['id']}"
