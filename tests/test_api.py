@@ -89,3 +89,16 @@ def test_errors_are_ruxo_errors(tmp_path: Path) -> None:
     with pytest.raises(RuxoError) as info:
         api.import_file(tmp_path / "missing.csv", tmp_path / "out.json")
     assert info.value.exit_code == 3
+
+
+def test_report_words_come_from_the_mapping(tmp_path: Path) -> None:
+    """The title of the HTML report is the mapping's `report.title`, not a string in the code."""
+    text = (ROOT / "mappings" / "default.yaml").read_text(encoding="utf-8")
+    assert 'title: "Topical ruxolitinib: treatment outcomes"' in text
+    site = tmp_path / "site.yaml"
+    site.write_text(text.replace('title: "Topical ruxolitinib: treatment outcomes"',
+                                 'title: "Site study: outcomes"'), encoding="utf-8")
+    summary = api.outcomes(ROOT / "examples" / "cases.csv",
+                           options=api.OutcomesOptions(mapping=site, report_format="html"))
+    assert "<title>Site study: outcomes</title>" in summary.report_text
+    assert "ruxolitinib: treatment outcomes" not in summary.report_text

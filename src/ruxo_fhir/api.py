@@ -499,7 +499,7 @@ def outcomes(source: str | Path | None = None, server: ServerSettings | None = N
         if opt.plot:
             from ruxo_fhir.report import plot
 
-            plot(summary.cohort, opt.plot)
+            plot(summary.cohort, opt.plot, mapping.report)
             summary.plot = opt.plot
         if opt.write_back:
             _write_back(summary, client, mapping, opt)
@@ -531,7 +531,7 @@ def _render(summary: OutcomesSummary, mapping: MappingSpec, opt: OutcomesOptions
     from ruxo_fhir.report import render
 
     displays = {label: spec.display for label, spec in mapping.indications.items()}
-    summary.report_text = render(summary.cohort, opt.report_format, displays=displays)
+    summary.report_text = render(summary.cohort, opt.report_format, displays=displays, texts=mapping.report)
     if opt.report_path is not None:
         from ruxo_fhir.bundle import atomic_write_bytes
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ruxo_fhir.errors import RuxoError
+from ruxo_fhir.mapping.spec import ReportSpec
 from ruxo_fhir.outcomes import CohortOutcomes
 
 CASE_COLUMNS = ("case_id", "indication", "group", "site", "improvement_pct", "category",
@@ -77,13 +78,14 @@ def render_json(result: CohortOutcomes) -> str:
     return json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n"
 
 
-def render(result: CohortOutcomes, fmt: str, *, title: str = "", displays: dict[str, str] | None = None) -> str:
+def render(result: CohortOutcomes, fmt: str, *, title: str = "", displays: dict[str, str] | None = None,
+           texts: ReportSpec | None = None) -> str:
     if fmt == "json":
         return render_json(result)
     if fmt == "csv":
         return render_csv(result)
     if fmt == "html":
-        return render_html(result, title=title, displays=displays)
+        return render_html(result, title=title, displays=displays, texts=texts)
     return render_text(result, markdown=fmt == "markdown")
 
 
@@ -137,7 +139,7 @@ def seed_table_lines(result: CohortOutcomes, displays: dict[str, str] | None = N
 
 
 def render_html(result: CohortOutcomes, *, title: str = "", displays: dict[str, str] | None = None,
-                png: bytes | None = None) -> str:
+                png: bytes | None = None, texts: ReportSpec | None = None) -> str:
     """One self-contained page: Tables I and II, the response rate with its CI, the plot, the rule, the warnings.
 
     No external resource (styles inline, the plot a PNG data URI), so it can be mailed or archived.
@@ -151,10 +153,10 @@ def render_html(result: CohortOutcomes, *, title: str = "", displays: dict[str, 
     warnings = list(result.warnings)
     if png is None:
         try:
-            png = plot_png(result)
+            png = plot_png(result, texts)
         except RuxoError as exc:
             warnings.append(f"no plot in this report: {exc}")
-    heading = title or "Topical ruxolitinib: treatment outcomes"
+    heading = title or (texts or ReportSpec()).title
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{escape(heading)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
@@ -240,7 +242,7 @@ def _matplotlib() -> Any:
     return plt
 
 
-def figure(result: CohortOutcomes) -> tuple[Any, list[Any]]:
+def figure(result: CohortOutcomes, texts: ReportSpec | None = None) -> tuple[Any, list[Any]]:
     """The outcomes figure and its group labels (placed on as many rows as needed never to overlap)."""
     import textwrap
 
@@ -265,9 +267,10 @@ def figure(result: CohortOutcomes) -> tuple[Any, list[Any]]:
     low = min([0.0, *values]) - 5
     ax.set_ylim(low, 105)
     ax.set_xlim(-0.6, n - 0.4)
-    ax.set_ylabel("improvement of lesions (%)")
+    texts = texts or ReportSpec()
+    ax.set_ylabel(texts.improvement_axis)
     s = result.summary
-    title = "Topical ruxolitinib: improvement per case by indication"
+    title = texts.plot_title
     if s["response_rate"] is not None:
         title += f"\nresponse {ci_text(result)}"
     ax.set_title(title, fontsize=11)
@@ -313,18 +316,20 @@ def figure(result: CohortOutcomes) -> tuple[Any, list[Any]]:
     return fig, labels
 
 
-def plot_png(result: CohortOutcomes) -> bytes:
+def plot_png(result: CohortOutcomes, texts: ReportSpec | None = None) -> bytes:
     """The figure as PNG bytes (the HTML report embeds these)."""
     plt = _matplotlib()
-    fig, _labels = figure(result)
+    fig, _labels = figure(result, texts)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
 
 
-def plot(result: CohortOutcomes, path: Path) -> None:
-    """Improvement % per case grouped by indication, 40/80 thresholds drawn (needs matplotlib)."""
-    data = plot_png(result)
+def plot(result: CohortOutcomes, path: Path, texts: ReportSpec | None = None) -> None:
+    """Improvement % per case grouped by indication, 40/80 thresholds drawn (needs matplotlib).
+
+    `texts`: the title and axis words, from the mapping's `report` block."""
+    data = plot_png(result, texts)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

@@ -70,6 +70,14 @@ class MedicationSpec(_Model):
     frequencies: dict[str, FrequencySpec]
 
 
+class ReportSpec(_Model):
+    """The words of the outcomes report and plot: the study's, so they live in the mapping."""
+
+    title: str = "Treatment outcomes"
+    plot_title: str = "Improvement per case by indication"
+    improvement_axis: str = "improvement (%)"
+
+
 class ObservationSpec(_Model):
     code: CodeSpec | None = None
     unit: str | None = None
@@ -121,6 +129,7 @@ class MappingSpec(_Model):
     mapping_version: str
     identifier_systems: IdentifierSystems
     patients: PatientsSpec = Field(default_factory=PatientsSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     project_systems: dict[str, str]
     min_confidence: Confidence = "P"
     columns: dict[str, ColumnSpec]
