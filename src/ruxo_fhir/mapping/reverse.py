@@ -206,7 +206,8 @@ class CaseAssembler:
                 yield record
         if orphans:
             self.warnings.append(
-                f"skipped {orphans} resource(s) whose case has no ruxolitinib MedicationStatement"
+                f"skipped {orphans} resource(s) whose case has no MedicationStatement "
+                f"({self.m.medication.text}) carrying the case identifier"
             )
         if self.retracted:
             self.warnings.append(f"left out {self.retracted} entered-in-error (retracted) resource(s)")
