@@ -176,6 +176,7 @@ class TestFhirServer:
     """
 
     __test__ = False  # not a pytest test class
+    engine = "medplum"  # tests parametrized over engines read this (hapiserver.TestHapiServer: "hapi")
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ import pytest
 import requests
 from e2e_cli import Run as BaseRun
 from e2e_cli import run_cli
+from engines import both_engines_fixture, medplum_only
 from fhirserver import TestFhirServer
 
 pytestmark = pytest.mark.e2e  # every test here starts the test FHIR server
@@ -66,6 +67,12 @@ def changed_example(path: Path, case_id: str = "C07", column: str = "improvement
     return path
 
 
+pytestmark = pytest.mark.e2e
+
+# Every test here runs on both real engines (Medplum's router and HAPI FHIR JPA) unless marked.
+fhir_server = both_engines_fixture()
+
+
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     return tmp_path / "state"
@@ -85,6 +92,8 @@ def test_check_default_server_usable(fhir_server: TestFhirServer, state: Path) -
     assert fhir_server.stats()["writes"] == 0
 
 
+# Medplum only: capabilities_omit rewrites the engine's CapabilityStatement; the HAPI front never does.
+@medplum_only
 def test_check_missing_transaction_and_batch_exit_5(fhir_server: TestFhirServer, state: Path) -> None:
     fhir_server.configure(capabilities_omit=["transaction", "batch"])
     run = cli("check", "--server", fhir_server.base_url, state=state)
@@ -117,6 +126,7 @@ def test_check_unreachable_port_exit_4_one_line(state: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.hapi_xfail(reason="issue 11: HAPI offers $validate, so the dry run POSTs Type/$validate (no state change); the test expects GETs only")
 def test_dry_run_empty_server_writes_nothing(fhir_server: TestFhirServer, state: Path) -> None:
     run = cli("push", EXAMPLE_CSV, "--server", fhir_server.base_url, "--dry-run", state=state)
     assert run.exit_code == 0, run
@@ -160,6 +170,7 @@ def test_dry_run_after_one_change_says_update_one(fhir_server: TestFhirServer, s
 # --------------------------------------------------------------------------------------------
 
 
+@medplum_only  # require_token: the Medplum front's auth; HAPI here has no auth layer
 def test_profile_config_for_push_and_check(fhir_server: TestFhirServer, state: Path, tmp_path: Path) -> None:
     token = f"canary-site-token-{uuid.uuid4().hex}"
     fhir_server.configure(require_token=token)
@@ -238,6 +249,7 @@ def test_push_report_json(fhir_server: TestFhirServer, state: Path, tmp_path: Pa
     assert json.loads(again.read_text(encoding="utf-8"))["counts"]["unchanged"] == sum(EXAMPLE_TOTAL.values())
 
 
+@medplum_only  # fhir_version switch rewrites the CapabilityStatement (Medplum front only)
 def test_push_report_written_on_failure(fhir_server: TestFhirServer, state: Path, tmp_path: Path) -> None:
     fhir_server.configure(fhir_version="5.0.0")
     report = tmp_path / "report.json"

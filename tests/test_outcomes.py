@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import requests
+from engines import both_engines_fixture
 
 from ruxo_fhir.bundle import iter_resources
 from ruxo_fhir.importer import source_resources
@@ -21,6 +22,9 @@ EXAMPLE = ROOT / "examples" / "cases.csv"
 HEADER = ("case_id,patient_id,sex,birth_date,indication,site,disease_onset,prior_treatments,"
           "treatment_start,frequency,evaluation_date,improvement_pct,score_name,baseline_score,"
           "followup_score,adverse_events,recurrence_after_stop")
+
+# The server tests here (outcomes from the server, write-back) run on both real engines.
+fhir_server = both_engines_fixture()
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -26,6 +26,7 @@ import requests
 from cohort_gen import generate_cases
 from e2e_cli import Run as BaseRun
 from e2e_cli import run_cli
+from engines import both_engines_fixture, medplum_only
 from fhirserver import TestFhirServer
 
 pytestmark = pytest.mark.e2e  # every test here starts the test FHIR server
@@ -42,7 +43,20 @@ RUN_LINE = re.compile(r"mode (\w+), (\d+) bundle\(s\), (\d+) request\(s\)")
 # How the engine reports a `PUT Type/id` that created the resource. FHIR says 201; Medplum's router
 # answers 200 with an `ok` outcome, and push counts what the server says, never what it assumes.
 PUT_CREATE_COUNTED_AS = "updated"
+# ... per engine: HAPI FHIR JPA answers 201 Created.
+PUT_CREATE_COUNTED = {"medplum": PUT_CREATE_COUNTED_AS, "hapi": "created"}
 
+
+def counted_as(server: Any) -> str:
+    """The summary field a `PUT Type/id` that created the resource lands in, on this engine."""
+    return PUT_CREATE_COUNTED[getattr(server, "engine", "medplum")]
+
+
+pytestmark = pytest.mark.e2e
+
+# Every test here runs on both real engines: Medplum's router (tests/fhir_server) and HAPI FHIR JPA
+# (tests/hapi_server behind tests/fault_front.py).
+fhir_server = both_engines_fixture()
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -222,7 +236,7 @@ def test_push_example_twice_exact_counts_second_run_sends_nothing(
     first = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
     assert first.exit_code == 0, first
     s1 = first.summary()
-    assert s1[PUT_CREATE_COUNTED_AS] == s1["total"] == sum(want.values()), first
+    assert s1[counted_as(fhir_server)] == s1["total"] == sum(want.values()), first
     assert s1["created"] + s1["updated"] == s1["total"] and s1["unchanged"] == s1["rejected"] == 0, first
     mode, bundles, reqs = first.run_line()
     assert (mode, bundles) == ("transaction", 1), first
@@ -311,12 +325,13 @@ def test_server_reset_after_push_gets_everything_again(
     again = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
     assert again.exit_code == 0, again
     s = again.summary()
-    assert s[PUT_CREATE_COUNTED_AS] == s["total"] == len(resources), again
+    assert s[counted_as(fhir_server)] == s["total"] == len(resources), again
     assert s["unchanged"] == 0, again
     assert server_count(fhir_server) == want
     assert server_keys(fhir_server, want) == keys(resources)
 
 
+@pytest.mark.hapi_xfail(reason="issue 11: HAPI enforces referential integrity on DELETE (409 for the referenced Condition); the test must delete a resource nothing references")
 def test_resources_deleted_or_edited_behind_our_back_are_pushed_again(
     fhir_server: TestFhirServer, example_bundle: Path, state: Path
 ) -> None:
@@ -337,7 +352,7 @@ def test_resources_deleted_or_edited_behind_our_back_are_pushed_again(
     assert run.exit_code == 0, run
     s = run.summary()
     # one re-created (Medplum says 200 for that PUT too), one updated
-    assert s["created"] + s["updated"] == 2 and s[PUT_CREATE_COUNTED_AS] >= 1, run
+    assert s["created"] + s["updated"] == 2 and s[counted_as(fhir_server)] >= 1, run
     assert s["unchanged"] == len(resources) - 2, run
     assert server_count(fhir_server) == want
     on_server = requests.get(f"{fhir_server.base_url}/Patient/{patient['id']}", timeout=30).json()
@@ -418,6 +433,7 @@ def _assert_exact(server: TestFhirServer, resources: list[dict[str, Any]]) -> No
     assert server.stats()["entries_written"] >= len(resources)
 
 
+@pytest.mark.hapi_xfail(reason="issue 11: a PUT retried after drop_after is a no-op on HAPI (200, same version) and push counts it unchanged; created+updated < total on the first run")
 @pytest.mark.parametrize(("n", "mode", "batch_only", "rerun"), [
     pytest.param(1500, None, False, False, id="transaction-1500"),
     pytest.param(1000, "batch", False, False, id="batch-1000"),
@@ -510,7 +526,7 @@ def test_batch_only_server_found_out_by_the_refusal(
         result = push(client, resources, load_mapping(), PushOptions(batch_size=20), ledger=ledger)
     assert result.mode == "batch"
     assert len([n for n in result.notices if "batch" in n]) == 1, result.notices
-    assert getattr(result, PUT_CREATE_COUNTED_AS) == result.total == len(resources) and result.rejected == 0
+    assert getattr(result, counted_as(fhir_server)) == result.total == len(resources) and result.rejected == 0
     _assert_exact(fhir_server, resources)
 
 
@@ -532,7 +548,7 @@ def test_bundle_size_cap_smaller_chunks(
     run = cli(*args, state=state)
     assert run.exit_code == 0, run
     s = run.summary()
-    assert s[PUT_CREATE_COUNTED_AS] == s["total"] == len(resources), run
+    assert s[counted_as(fhir_server)] == s["total"] == len(resources), run
     assert s["rejected"] == 0
     assert any("chunks of" in ln for ln in run.lines), run  # it says it went smaller
     assert "Traceback" not in run.stderr
@@ -567,6 +583,7 @@ def bad_bundle(example_bundle: Path, tmp_path: Path) -> tuple[Path, dict[str, An
     return out, bad
 
 
+@pytest.mark.hapi_xfail(reason="issue 11: HAPI does not validate on write by default: the Observation without status is stored (needs the validate switch and per-entry rejection)")
 def test_rejected_entry_batch_mode_others_land(
     fhir_server: TestFhirServer, bad_bundle: tuple[Path, dict[str, Any]], state: Path
 ) -> None:
@@ -584,12 +601,13 @@ def test_rejected_entry_batch_mode_others_land(
     assert "required" in line.lower(), line  # the diagnostics
     s = run.summary()
     assert s["rejected"] == 1 and s["total"] == len(resources), run
-    assert s[PUT_CREATE_COUNTED_AS] == len(resources) - 1, run
+    assert s[counted_as(fhir_server)] == len(resources) - 1, run
     want = type_counts(r for r in resources if r["id"] != bad["id"])
     assert server_count(fhir_server) == want
     assert f"Observation/{bad['id']}" not in server_keys(fhir_server, ["Observation"])
 
 
+@pytest.mark.hapi_xfail(reason="issue 11: HAPI does not validate on write by default: the Observation without status is stored (needs the validate switch and per-entry rejection)")
 def test_rejected_entry_transaction_mode_bisects_other_cases_land(
     fhir_server: TestFhirServer, bad_bundle: tuple[Path, dict[str, Any]], state: Path
 ) -> None:
@@ -606,7 +624,7 @@ def test_rejected_entry_transaction_mode_bisects_other_cases_land(
     assert any("Observation.status" in ln or "status" in ln for ln in rejected), run
     s = run.summary()
     assert s["rejected"] == len(group), run
-    assert s[PUT_CREATE_COUNTED_AS] == len(resources) - len(group), run
+    assert s[counted_as(fhir_server)] == len(resources) - len(group), run
     others = [r for r in resources if keys([r]) - keys(group)]
     assert server_keys(fhir_server, type_counts(resources)) == keys(others)
     assert server_count(fhir_server) == type_counts(others)
@@ -617,6 +635,9 @@ def test_rejected_entry_transaction_mode_bisects_other_cases_land(
 # --------------------------------------------------------------------------------------------
 
 
+# Medplum only: the fhir_version switch changes what the engine's CapabilityStatement says; the
+# HAPI front never rewrites HAPI's statement (an R5 HAPI would be another build).
+@medplum_only
 def test_r5_server_refused_before_writing(fhir_server: TestFhirServer, example_bundle: Path, state: Path) -> None:
     fhir_server.configure(fhir_version="5.0.0")
     run = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
@@ -628,6 +649,7 @@ def test_r5_server_refused_before_writing(fhir_server: TestFhirServer, example_b
     assert server_count(fhir_server) == {}
 
 
+@medplum_only  # fhir_version switch: see above
 def test_r4b_server_accepted_with_warning(fhir_server: TestFhirServer, example_bundle: Path, state: Path) -> None:
     fhir_server.configure(fhir_version="4.3.0")
     run = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
@@ -794,7 +816,7 @@ def test_push_requests_and_throughput_vs_raw_transaction_post(
         result = push(client, resources, load_mapping(), PushOptions(batch_size=200), ledger=ledger)
         requests_sent = client.request_count
     ours = time.monotonic() - started
-    assert getattr(result, PUT_CREATE_COUNTED_AS) == result.total == len(resources)
+    assert getattr(result, counted_as(fhir_server)) == result.total == len(resources)
     # a first push to an empty server: one GET /metadata, then one POST per bundle, nothing else
     assert requests_sent == result.bundles_sent + 1
     # chunks keep whole cases (at most a dozen entries each) together: nearly full bundles
