@@ -457,7 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._handle()
         except (TimeoutError, ConnectionError):
             self.close_connection = True
-        except Exception as exc:  # noqa: BLE001 - the front's own bug or the engine gone: say so, keep serving
+        except Exception as exc:
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self._send(*outcome(502, "exception", f"fault front: {type(exc).__name__}: {exc}"))

@@ -380,7 +380,7 @@ class TestHapiServer:
             front.stop()
         self.hapi.stop()
 
-    def __enter__(self) -> TestHapiServer:  # noqa: PYI034
+    def __enter__(self) -> TestHapiServer:
         return self.start() if self.front is None else self
 
     def __exit__(self, *exc: object) -> None:

@@ -583,7 +583,6 @@ def bad_bundle(example_bundle: Path, tmp_path: Path) -> tuple[Path, dict[str, An
     return out, bad
 
 
-@pytest.mark.hapi_xfail(reason="issue 11: HAPI does not validate on write by default: the Observation without status is stored (needs the validate switch and per-entry rejection)")
 def test_rejected_entry_batch_mode_others_land(
     fhir_server: TestFhirServer, bad_bundle: tuple[Path, dict[str, Any]], state: Path
 ) -> None:
@@ -607,7 +606,6 @@ def test_rejected_entry_batch_mode_others_land(
     assert f"Observation/{bad['id']}" not in server_keys(fhir_server, ["Observation"])
 
 
-@pytest.mark.hapi_xfail(reason="issue 11: HAPI does not validate on write by default: the Observation without status is stored (needs the validate switch and per-entry rejection)")
 def test_rejected_entry_transaction_mode_bisects_other_cases_land(
     fhir_server: TestFhirServer, bad_bundle: tuple[Path, dict[str, Any]], state: Path
 ) -> None:
