@@ -396,7 +396,7 @@ def pull(server: ServerSettings, output: str | Path, options: PullOptions | None
                                    "patient": bool(opt.patient)})
     run.server = server.url
     run.set_mapping(mapping)
-    since = opt.since if opt.since or not opt.cursor else read_cursor(opt.cursor)
+    since = opt.since if opt.since or not opt.cursor else read_cursor(opt.cursor, server.url)
     since = check_since(since)  # a usage mistake: exit 2 before any request
     summary = PullSummary(server=server.url or "", output=Path(output), result=PullResult(), since=since)
     client = make_client(server)

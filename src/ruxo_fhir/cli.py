@@ -305,7 +305,10 @@ def server_options(func: F) -> F:
         click.option("--scope", metavar="S", help="SMART scope (default: system/*.read system/*.write)."),
         click.option("--ca-bundle", type=click.Path(dir_okay=False), metavar="FILE", help="CA bundle for TLS."),
         click.option("--insecure", is_flag=True, help="Turn TLS verification OFF (explicit only; never default)."),
-        click.option("--timeout", type=float, default=None, help="Per-request timeout in seconds."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Seconds per request: a deadline for the whole response, not per read (default 60)."),
+        click.option("--max-response-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Largest response body accepted, after decompression (default 128)."),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -313,7 +316,7 @@ def server_options(func: F) -> F:
 
 
 SERVER_KEYS = ("server", "profile", "config_path", "auth", "user", "client_id", "private_key", "key_id",
-               "scope", "ca_bundle", "insecure", "timeout")
+               "scope", "ca_bundle", "insecure", "timeout", "max_response_mb")
 
 
 def pop_server(kwargs: dict[str, Any], required: bool = True) -> api.ServerSettings | None:

@@ -50,6 +50,7 @@ class ServerSettings:
     ca_bundle: str | None = None
     insecure: bool = False
     timeout: float | None = None
+    max_response_mb: float | None = None
     profile: str | None = None
 
     def merged(self, **overrides: Any) -> ServerSettings:
@@ -188,6 +189,8 @@ def make_client(settings: ServerSettings, env: Mapping[str, str] | None = None, 
     kwargs: dict[str, Any] = {"auth": auth, "verify": verify}
     if settings.timeout:
         kwargs["timeout"] = settings.timeout
+    if settings.max_response_mb:
+        kwargs["max_response_bytes"] = int(settings.max_response_mb * 1024 * 1024)
     if quick:
         kwargs["retry"] = RetryPolicy(max_attempts=2, max_total_seconds=3.0)
         kwargs.setdefault("timeout", 15.0)

@@ -228,15 +228,21 @@ def pull_start_time(client: Client) -> str:
     return (now - timedelta(seconds=1)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def read_cursor(path: Path) -> str | None:
+def read_cursor(path: Path, server: str | None = None) -> str | None:
+    """The saved `since` of a cursor file; with `server`, an error when the file belongs to another."""
     if not path.exists():
         return None
     try:
         data = orjson.loads(path.read_bytes())
         value = data["since"]
-        return str(value) if value else None
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        recorded = data.get("server")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, OSError):
         raise InputError("cursor file is not ruxo-fhir cursor JSON ({\"since\": ...})", file=str(path)) from None
+    if server is not None and recorded and str(recorded).rstrip("/") != server.rstrip("/"):
+        raise InputError(
+            f"cursor file belongs to another server ({recorded}, not {server.rstrip('/')}); "
+            "use one cursor file per server", file=str(path))
+    return str(value) if value else None
 
 
 def write_cursor(path: Path, server: str, since: str) -> None:

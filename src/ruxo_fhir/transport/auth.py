@@ -182,6 +182,8 @@ class SmartBackendAuth(requests.auth.AuthBase):
         self.verify = verify
         self.timeout = timeout
         self.token_requests = 0
+        if token_endpoint is not None:
+            check_token_endpoint(token_endpoint, self.fhir_base_url)
         self._token_endpoint = token_endpoint
         self._session_factory = session_factory
         self._session: requests.Session | None = None
@@ -221,6 +223,7 @@ class SmartBackendAuth(requests.auth.AuthBase):
         with self._lock:
             if self._token_endpoint is None:
                 self._token_endpoint = self._discover()
+                check_token_endpoint(self._token_endpoint, self.fhir_base_url)
             return self._token_endpoint
 
     def access_token(self) -> str:
@@ -308,8 +311,13 @@ class SmartBackendAuth(requests.auth.AuthBase):
             "client_assertion": self.make_assertion(endpoint),
         }
         self.token_requests += 1
-        resp = self._post_or_get("POST", endpoint, data=form, headers={"Accept": "application/json"})
+        resp = self._post_or_get("POST", endpoint, data=form, headers={"Accept": "application/json"},
+                                 allow_redirects=False)
         status = resp.status_code
+        if 300 <= status < 400:
+            raise AuthError(f"token endpoint answered a redirect (HTTP {status}); not followed: the client "
+                            "assertion goes only to the token endpoint the server names", status=status,
+                            url=redact_url(endpoint))
         if status in TEMPORARY_STATUSES:
             raise TemporaryServerError(f"token endpoint busy (HTTP {status})", status=status, url=redact_url(endpoint))
         body = _json_object(resp)
@@ -332,6 +340,28 @@ class SmartBackendAuth(requests.auth.AuthBase):
         self._lifetime = seconds
         self._expires_at = self._clock() + seconds
         logger.debug("SMART token obtained, lifetime %.0f s, scope %s", seconds, _short(body.get("scope")))
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def check_token_endpoint(endpoint: str, fhir_base_url: str) -> None:
+    """The client assertion may only travel over TLS, or to the FHIR server's own origin.
+
+    An https server naming an http:// token endpoint elsewhere (or any plain-http endpoint on
+    another origin) is refused: the signed assertion would cross the network in the clear.
+    """
+    if _origin(endpoint)[0] == "https" or _origin(endpoint) == _origin(fhir_base_url):
+        return
+    raise AuthError(
+        f"the SMART token endpoint {redact_url(endpoint)} is not https and not on the FHIR server's origin; "
+        "refusing to send the client assertion there (ask the server's operator for an https token endpoint)"
+    )
 
 
 def _json_object(resp: requests.Response) -> dict[str, Any]:

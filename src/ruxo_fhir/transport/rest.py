@@ -7,6 +7,7 @@ import logging
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -36,6 +37,10 @@ IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT",
 # Pages one search may take before it is stopped as a runaway (a server whose `next` links never
 # end). 20,000 pages hold 400,000 resources at HAPI's default 20 per page; pull --max-pages raises it.
 DEFAULT_MAX_PAGES = 20_000
+DEFAULT_MAX_RESPONSE_BYTES = 128 * 1024 * 1024  # one response body in memory (decompressed)
+MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_READ_SIZE = 64 * 1024
 
 ParamValue = str | int | float | Sequence[str]
 Params = Mapping[str, ParamValue] | Sequence[tuple[str, str]]
@@ -237,16 +242,23 @@ def _log_target(url: str, params: Params | None) -> str:
     return redact_url(full)
 
 
-def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Non-empty lines (without line ending) from a stream of byte chunks, linear in the input."""
+def _split_lines(chunks: Iterable[bytes], max_line: int | None = None) -> Iterator[bytes]:
+    """Non-empty lines (without line ending) from a stream of byte chunks, linear in the input.
+
+    ``max_line``: a line longer than this raises ResponseTooLarge (memory stays bounded)."""
     parts: list[bytes] = []
+    pending = 0
     for chunk in chunks:
         if not chunk:
             continue
         pieces = chunk.split(b"\n")
         if len(pieces) == 1:
             parts.append(chunk)
+            pending += len(chunk)
+            if max_line is not None and pending > max_line:
+                raise ResponseTooLarge(f"a line of the download is longer than the {_mb(max_line)} cap")
             continue
+        pending = len(pieces[-1])
         parts.append(pieces[0])
         first = b"".join(parts).rstrip(b"\r")
         if first:
@@ -259,6 +271,129 @@ def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     last = b"".join(parts).rstrip(b"\r")
     if last:
         yield last
+
+
+# --- bounded responses: one reader for every body (size cap, bounded decompression, deadline) ---
+
+class ResponseTooLarge(FatalServerError):
+    """A response body (after decompression) over the configured cap."""
+
+
+class ResponseDeadline(FatalServerError):
+    """No complete response within the --timeout deadline (a trickle or an endless stream)."""
+
+
+class _BoundedDecoder:
+    """gzip/deflate/identity decoding whose output per call never exceeds what the caller allows.
+
+    zlib's ``max_length`` keeps a decompression bomb from expanding beyond ``room + 1`` bytes
+    before the cap check sees it.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        enc = encoding.strip().lower()
+        self._raw_deflate_tried = False
+        self._z: Any
+        if enc in ("", "identity"):
+            self._z = None
+        elif enc in ("gzip", "x-gzip"):
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif enc == "deflate":
+            self._z = zlib.decompressobj(zlib.MAX_WBITS)
+        else:
+            raise FatalServerError(f"unsupported Content-Encoding {enc[:40]!r} (we ask for gzip or deflate only)")
+        self._deflate = enc == "deflate"
+
+    def decode(self, data: bytes, room: int) -> Iterator[bytes]:
+        """Decoded pieces of ``data``; stops early (the caller raises) once more than ``room`` came out."""
+        if self._z is None:
+            yield data
+            return
+        produced = 0
+        while data and produced <= room:
+            try:
+                out = self._z.decompress(data, room - produced + 1)
+            except zlib.error:
+                if self._deflate and not self._raw_deflate_tried:  # servers often send raw deflate
+                    self._raw_deflate_tried = True
+                    self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise FatalServerError("response body is not valid gzip/deflate data") from None
+            self._raw_deflate_tried = True
+            produced += len(out)
+            yield out
+            data = self._z.unconsumed_tail
+
+
+def _set_socket_deadline(resp: requests.Response, remaining: float) -> None:
+    """Shorten the socket timeout to what is left of the deadline (best effort: urllib3 internals)."""
+    conn = getattr(resp.raw, "_connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.settimeout(max(0.01, remaining))
+        except OSError:
+            pass
+
+
+def _iter_raw(resp: requests.Response, deadline: float | None, what: str, url: str) -> Iterator[bytes]:
+    """Raw (still encoded) body pieces as they arrive, each read ending by the deadline."""
+    raw = resp.raw
+    while True:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ResponseDeadline(what, url=url)
+            _set_socket_deadline(resp, remaining)
+        try:
+            piece = raw.read1(_READ_SIZE, decode_content=False)
+        except Exception as exc:  # socket timeouts, urllib3 ReadTimeoutError / ProtocolError, ...
+            if deadline is not None and time.monotonic() >= deadline - 0.005:
+                raise ResponseDeadline(what, url=url) from exc
+            if isinstance(exc, requests.exceptions.RequestException):
+                raise
+            raise requests.exceptions.ConnectionError(f"{type(exc).__name__} while reading the response") from exc
+        if not piece:
+            return
+        yield piece
+
+
+def read_bounded(resp: requests.Response, *, limit: int, deadline: float | None, target: str,
+                 timeout: float | None = None) -> bytes:
+    """The whole body of a streamed response: at most ``limit`` bytes after decompression, done
+    by ``deadline`` (monotonic seconds) or ResponseDeadline; ResponseTooLarge over the cap."""
+    slow = (f"no complete answer from {target} within the {timeout:g} s deadline (--timeout); the server "
+            "trickles or streams without end") if timeout else f"no complete answer from {target} in time"
+    decoder = _BoundedDecoder(resp.headers.get("Content-Encoding", ""))
+    body = bytearray()
+    try:
+        for piece in _iter_raw(resp, deadline, slow, target):
+            for out in decoder.decode(piece, limit - len(body)):
+                body += out
+                if len(body) > limit:
+                    raise ResponseTooLarge(
+                        f"response from {target} is larger than the {_mb(limit)} cap (raise it with "
+                        "--max-response-mb or the profile's max_response_mb if the server is right)",
+                        status=resp.status_code, url=target)
+    except BaseException:
+        resp.close()
+        raise
+    release = getattr(resp.raw, "release_conn", None)
+    if release is not None:
+        release()
+    return bytes(body)
+
+
+def iter_bounded(resp: requests.Response, *, limit: int, target: str) -> Iterator[bytes]:
+    """Decoded body pieces of a long download (constant memory; decompression bounded per piece)."""
+    decoder = _BoundedDecoder(resp.headers.get("Content-Encoding", ""))
+    for piece in _iter_raw(resp, None, "", target):
+        for out in decoder.decode(piece, limit):
+            yield out
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MB"
 
 
 @dataclass
@@ -304,6 +439,7 @@ class FhirClient:
         retry: RetryPolicy | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
         session: requests.Session | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -322,7 +458,9 @@ class FhirClient:
 
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             logger.warning("TLS certificate verification is OFF for %s (--insecure)", redact_url(self.base_url))
+        # `timeout` bounds each wait on the socket AND the whole response (a deadline per attempt).
         self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
         self.retry = retry or RetryPolicy()
         self.request_count = 0
         # Retries are for a server that answered before: nothing listening at first contact is
@@ -331,6 +469,7 @@ class FhirClient:
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = user_agent
         self.session.headers["Accept"] = FHIR_JSON
+        self.session.headers["Accept-Encoding"] = "gzip, deflate"  # what _BoundedDecoder decodes
         self._capabilities: dict[str, Any] | None = None
         # A server that says "slow down" (429/503, Retry-After) says it to the whole client: the
         # other threads of a concurrent push wait out the same pause once before their next
@@ -464,7 +603,8 @@ class FhirClient:
             skip = yielded
             try:
                 with raw:
-                    for line in _split_lines(raw.iter_content(chunk_size)):
+                    pieces = iter_bounded(raw, limit=self.max_response_bytes, target=redact_url(raw.url))
+                    for line in _split_lines(pieces, self.max_response_bytes):
                         if skip:
                             skip -= 1
                             continue
@@ -569,6 +709,7 @@ class FhirClient:
         self.request_count += 1
         started = time.monotonic()
         method, target, case_id = sending.method, sending.target, sending.case_id
+        deadline = started + self.timeout if self.timeout else None
         try:
             resp = self.session.request(
                 method,
@@ -581,8 +722,15 @@ class FhirClient:
                 # Passed per request: a session-level verify=False would be overridden by
                 # REQUESTS_CA_BUNDLE, and an explicit choice must win.
                 verify=self.verify,
-                stream=sending.stream,
+                stream=True,  # bodies are read by read_bounded (cap, bounded decompression, deadline)
+                allow_redirects=False,  # redirects follow _follow_redirect's policy, not requests'
             )
+            resp = self._follow_redirects(resp, sending, auth)
+            if not sending.stream:
+                body = read_bounded(resp, limit=self.max_response_bytes, deadline=deadline, target=target,
+                                    timeout=self.timeout)
+                resp._content = body  # requests' own cache: .content / .json() read it from here
+                setattr(resp, "_content_consumed", True)
         except TemporaryServerError as exc:
             # Raised by the auth object (token endpoint unreachable or busy): nothing reached
             # the FHIR server yet, so any method may be retried.
@@ -603,6 +751,45 @@ class FhirClient:
         self.answered = True
         return resp
 
+    def _follow_redirects(self, resp: requests.Response, sending: _Sending,
+                          auth: requests.auth.AuthBase | None) -> requests.Response:
+        """Follow redirects by one policy: same origin freely (up to MAX_REDIRECTS); another origin
+        only for a plain GET that carries no credentials, no body and no query (e.g. a bulk file
+        on a storage host). A body, credentials or search parameters never leave the origin: such
+        a redirect is an error, never an empty answer."""
+        hops = 0
+        method, body, url = sending.method, sending.body, sending.url
+        carries_query = bool(sending.params) or bool(urlsplit(url).query)
+        while resp.status_code in _REDIRECT_STATUSES and resp.headers.get("Location"):
+            hops += 1
+            target = urljoin(resp.url, resp.headers["Location"])
+            resp.close()
+            if hops > MAX_REDIRECTS:
+                raise FatalServerError(f"more than {MAX_REDIRECTS} redirects from {sending.target}", url=sending.target)
+            if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
+                method, body = "GET", None
+            if not self.is_same_origin(target):
+                carried = [what for what, present in (
+                    ("credentials", auth is not None), ("a request body", body is not None),
+                    ("search parameters", carries_query), (f"a {method}", method not in ("GET", "HEAD")),
+                ) if present]
+                if carried:
+                    raise FatalServerError(
+                        f"{sending.method} {sending.target} was redirected (HTTP {resp.status_code}) to another "
+                        f"origin ({urlsplit(target).hostname}); not followed: it would carry {', '.join(carried)}",
+                        status=resp.status_code, url=sending.target, case_id=sending.case_id)
+            headers = dict(sending.headers)
+            if body is None:
+                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            self.request_count += 1
+            logger.debug("%s %s -> %d, following to %s", method, sending.target, resp.status_code, redact_url(target))
+            resp = self.session.request(
+                method, target, data=body, headers=headers,
+                auth=auth if self.is_same_origin(target) else None,
+                timeout=self.timeout, verify=self.verify, stream=True, allow_redirects=False,
+            )
+        return resp
+
     # -- FHIR helpers --------------------------------------------------------------------
 
     def capabilities(self) -> dict[str, Any]:
@@ -614,6 +801,11 @@ class FhirClient:
                     "GET metadata did not return a CapabilityStatement (is this a FHIR R4+ server?)",
                     url=redact_url(self.url("metadata")),
                 )
+            problem = capability_shape_problem(doc)
+            if problem:
+                raise CapabilityError(
+                    f"the server's CapabilityStatement is malformed ({problem}); it cannot be trusted to say "
+                    "what the server supports", url=redact_url(self.url("metadata")))
             self._capabilities = doc
         return self._capabilities
 
@@ -744,6 +936,45 @@ class FhirClient:
 
 def _key_digest(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def capability_shape_problem(doc: Mapping[str, Any]) -> str | None:
+    """What is wrong with the shape of the CapabilityStatement parts we read, or None.
+
+    Checked once where the statement is fetched, so every reader can trust `rest`,
+    `resource`, `interaction`, `searchParam` and `operation` to be lists of objects.
+    """
+
+    def objects(node: Mapping[str, Any], key: str, where: str) -> tuple[list[Mapping[str, Any]], str | None]:
+        value = node.get(key, [])
+        if not isinstance(value, list):
+            return [], f"{where}{key} is a {type(value).__name__}, not a list"
+        for i, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                return [], f"{where}{key}[{i}] is a {type(item).__name__}, not an object"
+        return value, None
+
+    if "fhirVersion" in doc and not isinstance(doc["fhirVersion"], str):
+        return "fhirVersion is not a string"
+    rests, problem = objects(doc, "rest", "")
+    if problem:
+        return problem
+    for r, rest in enumerate(rests):
+        for key in ("interaction", "operation"):
+            problem = objects(rest, key, f"rest[{r}].")[1]
+            if problem:
+                return problem
+        resources, problem = objects(rest, "resource", f"rest[{r}].")
+        if problem:
+            return problem
+        for i, res in enumerate(resources):
+            if "type" in res and not isinstance(res["type"], str):
+                return f"rest[{r}].resource[{i}].type is not a string"
+            for key in ("interaction", "searchParam", "operation"):
+                problem = objects(res, key, f"rest[{r}].resource[{i}].")[1]
+                if problem:
+                    return problem
+    return None
 
 
 def _next_link(bundle: Mapping[str, Any]) -> str | None:
