@@ -95,6 +95,18 @@ def read_csv_rows(path: Path, *, delimiter: str = ",", encoding: str = "utf-8") 
         return list(csv.DictReader(fh, delimiter=delimiter))
 
 
+def unguard(cell: str) -> str:
+    """A cell as meant: our exports put one ' before formula-like cells, even after quotes (OWASP)."""
+    return cell[1:] if cell[:1] == "'" and cell.lstrip("'")[:1] in ("=", "+", "-", "@", "\t", "\r") and \
+        cell.lstrip("'") != "" else cell
+
+
+def read_exported_rows(path: Path, *, delimiter: str = ",", encoding: str = "utf-8") -> list[dict[str, str]]:
+    """read_csv_rows of an export, formula guards taken off."""
+    return [{k: unguard(v) for k, v in row.items()} for row in read_csv_rows(path, delimiter=delimiter,
+                                                                             encoding=encoding)]
+
+
 def read_csv_header(path: Path, *, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
     with path.open(encoding=encoding, newline="") as fh:
         return next(csv.reader(fh, delimiter=delimiter))

@@ -28,6 +28,7 @@ from helpers import (
     of_type,
     read_csv_header,
     read_csv_rows,
+    read_exported_rows,
     run_cli,
 )
 
@@ -163,7 +164,7 @@ def test_import_behaves_as_the_sidecar_says(source: Path, runs: dict[Path, Run],
         back = tmp_path / "back.csv"
         exported = invoke("export", run.output, "-o", back)
         assert exported.exit_code == 0, str(exported)
-        rows = {r["case_id"]: r for r in read_csv_rows(back)}
+        rows = {r["case_id"]: r for r in read_exported_rows(back)}
         assert len(rows) == spec["accepted"]
         for check in spec["checks"]:
             row = rows.get(check["case_id"])

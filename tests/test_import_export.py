@@ -26,6 +26,7 @@ from helpers import (
     ndjson_resources,
     of_type,
     read_csv_rows,
+    read_exported_rows,
     write_cases,
 )
 
@@ -423,7 +424,7 @@ def import_rows(tmp_path: Path, rows: list[dict[str, str]], *extra: str) -> tupl
 def export_rows(tmp_path: Path) -> list[dict[str, str]]:
     out = tmp_path / "back.csv"
     ok(invoke("export", tmp_path / "bundle.json", "-o", out))
-    return read_csv_rows(out)
+    return read_exported_rows(out)
 
 
 def test_several_cases_of_one_patient_give_one_patient(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ prints: the CLI renders results, a program reads their fields.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import tempfile
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -51,6 +53,11 @@ __all__ = [
     "ValidateResult",
     "check", "export_file", "import_file", "outcomes", "pull", "push", "server_settings", "validate",
 ]
+
+
+def _mapping_path(value: MappingLike) -> Path | None:
+    """The mapping file an option names (an input the output guard protects), if any."""
+    return Path(value) if isinstance(value, (str, Path)) else None
 
 
 def _mapping(value: MappingLike) -> MappingSpec:
@@ -95,7 +102,13 @@ def import_file(cases: str | Path, output: str | Path, options: ImportOptions | 
     from ruxo_fhir.importer import import_cases
     from ruxo_fhir.runreport import RunReport
 
+    from ruxo_fhir.importer import default_rejects_path
+    from ruxo_fhir.outpaths import guard_outputs
+
     opt = options or ImportOptions()
+    guard_outputs({"CASES": cases, "--mapping": _mapping_path(opt.mapping)},
+                  {"-o": output, "--rejects": opt.rejects or default_rejects_path(Path(cases), Path(output)),
+                   "--report": opt.report})
     run = RunReport.start("import", obj_args={"format": opt.fmt, "fhir_version": opt.fhir_version or "R4"})
     mapping = _mapping(opt.mapping)
     run.add_input(Path(cases))
@@ -173,7 +186,10 @@ def export_file(file: str | Path, output: str | Path, options: ExportOptions | N
     """A Bundle (any type) or an ndjson folder back to the canonical case CSV."""
     from ruxo_fhir.exporter import export_cases
 
+    from ruxo_fhir.outpaths import guard_outputs
+
     opt = options or ExportOptions()
+    guard_outputs({"FILE": file, "--mapping": _mapping_path(opt.mapping)}, {"-o": output})
     return export_cases(file, output, mapping=_mapping(opt.mapping), excel=opt.excel, decimal=opt.decimal)
 
 
@@ -276,8 +292,10 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
     from ruxo_fhir.connect import make_client
     from ruxo_fhir.fhir_version import normalise_version
     from ruxo_fhir.runreport import RunReport
+    from ruxo_fhir.outpaths import guard_outputs
 
     opt = options or PushOptions()
+    guard_outputs({"FILE": file, "--mapping": _mapping_path(opt.mapping)}, {"--report": opt.report})
     version = normalise_version(opt.fhir_version or server.fhir_version or "R4")
     mapping = _mapping(opt.mapping)
     run = RunReport.start("push", {"mode": opt.mode, "batch_size": opt.batch_size, "dry_run": opt.dry_run,
@@ -333,7 +351,8 @@ def _push(client: FhirClient, resources: Iterable[Resource], mapping: MappingSpe
         else:
             total = len(resources) if isinstance(resources, list) else count_items(source)
             progress = _progress(opt.on_progress, total)
-    with Ledger(opt.ledger_path) as ledger:
+    # --no-ledger: the ledger file is never opened (a corrupt one cannot stop the push)
+    with (contextlib.nullcontext() if not opt.use_ledger else Ledger(opt.ledger_path)) as ledger:
         result = summary.result = sync_push(client, resources, mapping, options, ledger=ledger,
                                                  on_progress=progress, case_rows=case_rows)
     run.counts.update(created=result.created, updated=result.updated, unchanged=result.unchanged,
@@ -390,7 +409,11 @@ def pull(server: ServerSettings, output: str | Path, options: PullOptions | None
     from ruxo_fhir.runreport import RunReport
     from ruxo_fhir.sync.pull import PullResult, check_since, pull_start_time, read_cursor, write_cursor
 
+    from ruxo_fhir.outpaths import guard_outputs
+
     opt = options or PullOptions()
+    guard_outputs({"--mapping": _mapping_path(opt.mapping)},
+                  {"-o": output, "--report": opt.report, "--cursor": opt.cursor})
     mapping = _mapping(opt.mapping)
     run = RunReport.start("pull", {"format": opt.fmt, "since": opt.since, "bulk": opt.bulk,
                                    "patient": bool(opt.patient)})
@@ -485,8 +508,11 @@ def outcomes(source: str | Path | None = None, server: ServerSettings | None = N
              options: OutcomesOptions | None = None) -> OutcomesSummary:
     """Response per case and cohort tables from a case CSV, a Bundle, an ndjson folder or a server."""
     from ruxo_fhir.connect import make_client
+    from ruxo_fhir.outpaths import guard_outputs
 
     opt = options or OutcomesOptions()
+    guard_outputs({"SOURCE": source, "--mapping": _mapping_path(opt.mapping)},
+                  {"-o": opt.output or opt.report_path, "--plot": opt.plot})
     if (source is None) == (server is None):
         raise UsageError("give either a source file or a server")
     if opt.write_back and server is None and opt.output is None:

@@ -160,27 +160,45 @@ class NdjsonWriter:
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         self._files: dict[str, IO[bytes]] = {}
 
-    def write(self, resource: Resource) -> None:
-        kind = resource["resourceType"]
+    def _file(self, kind: str) -> IO[bytes]:
         fh = self._files.get(kind)
         if fh is None:
-            fh = self._files[kind] = (self._tmp / f"{kind}.ndjson").open("wb")
+            fh = self._files[kind] = open_private(self._tmp / f"{kind}.ndjson")
+        return fh
+
+    def write(self, resource: Resource) -> None:
+        fh = self._file(resource["resourceType"])
         fh.write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for old in ndjson_files(self.directory):
-            old.unlink()
-        for new in self._tmp.iterdir():
-            os.replace(new, self.directory / new.name)
-        self._tmp.rmdir()
+        """Move the finished files into place; on any failure (a full disk) nothing is left behind."""
+        try:
+            for fh in self._files.values():
+                fh.close()
+            if not self.directory.exists():
+                os.replace(self._tmp, self.directory)  # the private (0700) temp folder becomes the output
+                return
+            for old in ndjson_files(self.directory):
+                old.unlink()
+            for new in self._tmp.iterdir():
+                os.replace(new, self.directory / new.name)
+            self._tmp.rmdir()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         for fh in self._files.values():
-            fh.close()
+            try:
+                fh.close()
+            except OSError:
+                pass  # the buffered tail could not be written (disk full): the file goes anyway
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def open_private(path: Path) -> IO[bytes]:
+    """A new file for writing, readable by the owner only (0600): outputs hold patient data."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,7 +1,6 @@
 """The export stage: FHIR (Bundle or ndjson) -> canonical case-record CSV."""
 from __future__ import annotations
 
-import csv
 import io
 import os
 import tempfile
@@ -11,8 +10,10 @@ from pathlib import Path
 from typing import IO
 
 from ruxo_fhir.bundle import iter_resources
+from ruxo_fhir.csvsafe import SafeDictWriter
 from ruxo_fhir.mapping.reverse import CaseAssembler
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.outpaths import guard_outputs
 from ruxo_fhir.records import CANONICAL_COLUMNS, CaseRecord
 
 
@@ -52,10 +53,11 @@ def render_csv(records: Iterable[CaseRecord], *, excel: bool = False, decimal: s
 def write_csv(records: Iterable[CaseRecord], out: IO[bytes], *, excel: bool = False,
               decimal: str | None = None) -> int:
     """Canonical CSV: UTF-8 without BOM and commas; `excel` adds a BOM, uses `;` and decimal
-    commas (so a French spreadsheet reads 45,5 as a number, not text); `decimal` overrides."""
+    commas (so a French spreadsheet reads 45,5 as a number, not text); `decimal` overrides.
+    Formula-like cells get a leading `'` (csvsafe); the importer strips it again."""
     comma = decimal_comma(excel, decimal)
     text = io.TextIOWrapper(out, encoding="utf-8-sig" if excel else "utf-8", newline="", write_through=True)
-    writer = csv.DictWriter(text, fieldnames=CANONICAL_COLUMNS, delimiter=";" if excel else ",",
+    writer = SafeDictWriter(text, fieldnames=CANONICAL_COLUMNS, delimiter=";" if excel else ",",
                             lineterminator="\r\n" if excel else "\n")
     writer.writeheader()
     n = 0
@@ -76,6 +78,7 @@ def export_cases(source: str | Path, output: str | Path, *, mapping: MappingSpec
     """Stream a FHIR source to the canonical CSV: resources wait in a temporary sqlite file,
     rows are written as they are assembled, the output appears atomically at the end."""
     out = Path(output)
+    guard_outputs({"FILE": source}, {"-o": out})
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:

@@ -22,6 +22,9 @@ from typing import IO, Any
 import orjson
 
 from ruxo_fhir.bundle import NdjsonWriter, writer_for
+from ruxo_fhir.csvsafe import SafeDictWriter
+from ruxo_fhir.outpaths import guard_outputs
+from ruxo_fhir.redact import redact
 from ruxo_fhir.fhir_version import FhirVersion, to_version
 from ruxo_fhir.mapping.forward import ForwardMapper
 from ruxo_fhir.mapping.spec import MappingSpec
@@ -59,7 +62,8 @@ def default_rejects_path(source: Path, output: Path) -> Path:
 
 
 def _reject_row(rej: Reject) -> dict[str, Any]:
-    return {**rej.values, "row": rej.row, "error": rej.message}
+    """The rejects-file row; the reason passes the redaction step like every message."""
+    return {**rej.values, "row": rej.row, "error": redact(rej.message)}
 
 
 class RejectsWriter:
@@ -76,8 +80,9 @@ class RejectsWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         self._tmp = Path(tmp)
-        self._fh: IO[str] = os.fdopen(fd, "w", encoding="utf-8", newline="")
-        self._csv = csv.DictWriter(self._fh, fieldnames=REJECT_COLUMNS, lineterminator="\n")
+        # surrogateescape: a stray byte of a mostly-UTF-8 input goes back out as the same byte
+        self._fh: IO[str] = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+        self._csv = SafeDictWriter(self._fh, fieldnames=REJECT_COLUMNS, lineterminator="\n")
         self._csv.writeheader()
 
     def write(self, rej: Reject) -> None:
@@ -89,7 +94,10 @@ class RejectsWriter:
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # the buffered tail could not be written (disk full): the file goes anyway
         self._tmp.unlink(missing_ok=True)
 
 
@@ -304,9 +312,7 @@ class _RawNdjsonWriter(NdjsonWriter):
     newline included)."""
 
     def write_raw(self, kind: str, data: bytes) -> None:
-        fh = self._files.get(kind)
-        if fh is None:
-            fh = self._files[kind] = (self._tmp / f"{kind}.ndjson").open("wb")
+        fh = self._file(kind)
         fh.write(data)
 
 
@@ -351,8 +357,10 @@ def import_cases(
     """
     src, out = Path(source), Path(output)
     mapping = mapping.with_date_formats(date_formats)
-    reader = CaseReader(src, mapping, sheet=sheet)  # raises InputError for unusable files, nothing written yet
     rej_path = Path(rejects_path) if rejects_path else default_rejects_path(src, out)
+    guard_outputs({"CASES": src, "--mapping": mapping.source if Path(mapping.source).is_file() else None},
+                  {"-o": out, "--rejects": rej_path})
+    reader = CaseReader(src, mapping, sheet=sheet)  # raises InputError for unusable files, nothing written yet
     result = ImportResult(report=reader.report, output=out, rejects_path=rej_path)
     for line in mapping_terminology_warnings(mapping):
         reader.report.warn(line)
@@ -379,13 +387,13 @@ def import_cases(
                     counts[res["resourceType"]] += 1
                 if on_accepted:
                     on_accepted(record)
-    except BaseException:
+        writer.close()
+        rejects.close()
+    except BaseException:  # a bad row never gets here; a full disk or an interrupt does
         writer.abort()
         if rejects is not None:
             rejects.abort()
         raise
-    writer.close()
-    rejects.close()
     return result
 
 

@@ -14,6 +14,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TextIO
 
+from ruxo_fhir.csvsafe import unneutralise
 from ruxo_fhir.errors import InputError
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.model import CANONICAL_COLUMNS as CANONICAL_COLUMNS
@@ -626,7 +627,8 @@ class CaseReader:
         values = dict.fromkeys(CANONICAL_COLUMNS, "")
         for name, raw in zip(self._columns, fields):
             if name is not None:
-                values[name] = raw.strip().lstrip("\ufeff")
+                # a formula guard (') added by our CSV writers is taken off again
+                values[name] = unneutralise(raw.strip().lstrip("\ufeff")).strip()
         return values
 
     def _label_warnings(self, record: CaseRecord) -> None:

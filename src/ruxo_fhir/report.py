@@ -1,12 +1,12 @@
 """Rendering outcomes: terminal table, markdown, CSV, JSON and the slide-ready plot."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+from ruxo_fhir.csvsafe import SafeDictWriter
 from ruxo_fhir.errors import RuxoError
 from ruxo_fhir.mapping.spec import ReportSpec
 from ruxo_fhir.outcomes import CohortOutcomes
@@ -66,7 +66,7 @@ def render_text(result: CohortOutcomes, *, markdown: bool = False) -> str:
 
 def render_csv(result: CohortOutcomes) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CASE_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer = SafeDictWriter(buf, fieldnames=CASE_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for case in result.cases:
         row = case.public()

@@ -8,16 +8,22 @@ a reset server that someone else refilled shows version "1" again, but not our l
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
 import platformdirs
+
+from ruxo_fhir.errors import InputError
+from ruxo_fhir.redact import redact
+
+_COLUMNS = {"server", "key", "hash", "version_id"}
 
 
 def state_dir() -> Path:
@@ -61,29 +67,49 @@ class Ledger:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or state_dir() / "push-ledger.sqlite3"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # check_same_thread off: `push --concurrency` records from its sending threads; every
-        # call below holds `_lock`, so the connection is never used by two threads at once
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
-        self._lock = threading.Lock()
-        # WAL + NORMAL: a commit per chunk without an fsync each time; a crash loses at most the
-        # last records, which only means those resources are sent again (PUTs are idempotent).
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS pushed (server TEXT NOT NULL, key TEXT NOT NULL, "
-            "hash TEXT NOT NULL, version_id TEXT, last_updated TEXT, PRIMARY KEY (server, key))"
-        )
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pushed)")}
-        if "last_updated" not in columns:  # a ledger from an older version: its rows never skip
-            self._db.execute("ALTER TABLE pushed ADD COLUMN last_updated TEXT")
-        self._db.commit()
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._guard():
+            if not self.path.exists() and not self.path.is_symlink():
+                # created 0600 before sqlite opens it: its -wal/-shm files take the same mode
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            # check_same_thread off: `push --concurrency` records from its sending threads; every
+            # call below holds `_lock`, so the connection is never used by two threads at once
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._lock = threading.Lock()
+            # the schema is checked before anything is written: an unusable ledger stays as it was
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(pushed)")}
+            if columns and not _COLUMNS <= columns:
+                self._db.close()
+                raise sqlite3.DatabaseError(f"table 'pushed' lacks {', '.join(sorted(_COLUMNS - columns))}")
+            # WAL + NORMAL: a commit per chunk without an fsync each time; a crash loses at most the
+            # last records, which only means those resources are sent again (PUTs are idempotent).
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS pushed (server TEXT NOT NULL, key TEXT NOT NULL, "
+                "hash TEXT NOT NULL, version_id TEXT, last_updated TEXT, PRIMARY KEY (server, key))"
+            )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(pushed)")}
+            if "last_updated" not in columns:  # a ledger from an older version: its rows never skip
+                self._db.execute("ALTER TABLE pushed ADD COLUMN last_updated TEXT")
+            self._db.commit()
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Any failure of the ledger database (garbage, truncated, wrong schema, a folder) is one
+        line naming the file and what to do: it is a cache, safe to move aside."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, IsADirectoryError, NotADirectoryError) as exc:
+            raise InputError(
+                f"the push ledger is unusable ({exc}); move it aside or delete it (it is only a cache: the next "
+                "push re-checks the server), or run with --no-ledger", file=str(self.path)) from None
 
     def lookup(self, server: str, keys: Iterable[str]) -> dict[str, Pushed]:
         """{Type/id: Pushed(hash, versionId, lastUpdated)} for the keys the ledger knows."""
         out: dict[str, Pushed] = {}
         key_list = list(keys)
-        with self._lock:
+        with self._lock, self._guard():
             self._lookup(server, key_list, out)
         return out
 
@@ -100,8 +126,9 @@ class Ledger:
 
     def record(self, server: str, items: Iterable[tuple[str, Pushed]]) -> None:
         """Store (Type/id, Pushed) after the server confirmed the write (one commit)."""
-        rows = [(server_key(server), k, p.hash, p.version_id, p.last_updated) for k, p in items]
-        with self._lock:
+        rows = [(server_key(server), k, p.hash, redact(p.version_id) if p.version_id else p.version_id,
+                 p.last_updated) for k, p in items]
+        with self._lock, self._guard():
             self._db.executemany(
                 "INSERT OR REPLACE INTO pushed (server, key, hash, version_id, last_updated) VALUES (?, ?, ?, ?, ?)",
                 rows,

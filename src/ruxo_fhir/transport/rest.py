@@ -364,6 +364,12 @@ def read_bounded(resp: requests.Response, *, limit: int, deadline: float | None,
     by ``deadline`` (monotonic seconds) or ResponseDeadline; ResponseTooLarge over the cap."""
     slow = (f"no complete answer from {target} within the {timeout:g} s deadline (--timeout); the server "
             "trickles or streams without end") if timeout else f"no complete answer from {target} in time"
+    loaded = getattr(resp, "_content", False)
+    if getattr(resp, "_content_consumed", False) and isinstance(loaded, bytes):  # read by a session hook
+        if len(loaded) > limit:
+            raise ResponseTooLarge(f"response from {target} is larger than the {_mb(limit)} cap",
+                                   status=resp.status_code, url=target)
+        return loaded
     decoder = _BoundedDecoder(resp.headers.get("Content-Encoding", ""))
     body = bytearray()
     try:
