@@ -115,7 +115,8 @@ def iter_resources(path: str | Path) -> Iterator[Resource]:
         res = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(res, dict):
             continue  # e.g. DELETE entries or transaction-response entries without bodies
-        if entry.get("search", {}).get("mode") == "outcome" or res.get("resourceType") == "OperationOutcome":
+        search = entry.get("search")
+        if (isinstance(search, dict) and search.get("mode") == "outcome") or res.get("resourceType") == "OperationOutcome":
             continue
         yield res
 

@@ -38,6 +38,7 @@ from ruxo_fhir.outcomes_rule import (
 )
 from ruxo_fhir.records import FractionCheck
 from ruxo_fhir.resource import Resource
+from ruxo_fhir.shapes import shape_guard
 
 
 @dataclass
@@ -139,6 +140,11 @@ class OutcomeCollector:
         return self.pending.setdefault(statement_key, ([], []))
 
     def add(self, resource: Resource) -> None:
+        """Take one resource; a wrong-typed field leaves it out with a warning naming it and why."""
+        with shape_guard([resource], self.warnings, "left out of the outcomes"):
+            self._add(resource)
+
+    def _add(self, resource: Resource) -> None:
         res = to_r4(resource)
         if retracted(res):
             self.retracted += 1
@@ -221,7 +227,12 @@ class OutcomeCollector:
             latest = max(valued, key=lambda v: v.date or "")
             if latest.unit not in ("%", None):
                 self.warnings.append(f"case {cid}: improvement Observation unit is {latest.unit!r}, not '%'")
-            exact, eval_date, used = Fraction(latest.value), latest.date, [latest.key]  # type: ignore[arg-type]
+            assert latest.value is not None
+            if -100 <= latest.value <= 100:
+                exact, eval_date, used = Fraction(latest.value), latest.date, [latest.key]
+            else:  # the same rule as a CSV row's improvement_pct: a percentage of the baseline
+                eval_date, reason = latest.date, f"improvement {latest.value} % is outside -100..100"
+                self.warnings.append(f"case {cid}: {reason}; not evaluable")
         elif scores:
             exact, eval_date, used, reason = self._from_scores(state, scores)
         elif improvements:

@@ -6,6 +6,7 @@ import csv
 import difflib
 import hashlib
 import re
+import unicodedata
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,6 +99,30 @@ def detect_encoding(path: Path, chunk_size: int = 1 << 20) -> str:
             file=str(path),
         ) from None
     return "cp1252"
+
+
+_UTF8_MULTIBYTE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    rb"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2}"
+)
+
+
+def has_utf8_sequences(path: Path, chunk_size: int = 1 << 20) -> bool:
+    """Whether a file that is not clean UTF-8 still holds UTF-8 multi-byte characters (a UTF-8
+    file with stray bytes, not a Windows-1252 one: cp1252 text almost never forms them)."""
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_size):
+            if _UTF8_MULTIBYTE.search(chunk):
+                return True
+    return False
+
+
+def _check_no_stray_bytes(values: dict[str, str]) -> None:
+    for column, value in values.items():
+        bad = [ord(ch) - 0xDC00 for ch in value if "\udc80" <= ch <= "\udcff"]
+        if bad:
+            raise _RowError(column, f"invalid UTF-8 byte(s) {', '.join(f'0x{b:02x}' for b in bad[:3])} in a UTF-8 "
+                                    "file (this row was saved in another encoding)")
 
 
 def _sniff_delimiter(header_line: str) -> str:
@@ -217,6 +242,10 @@ def _decimal(column: str, value: str) -> Decimal:
         # FHIR servers and JSON tools commonly hold decimals as IEEE doubles (15 digits exact);
         # more digits would not survive a round trip, and spreadsheets never export more.
         raise _RowError(column, f"{value!r} has {digits} significant digits (at most {MAX_SIGNIFICANT_DIGITS})")
+    if number and not -MAX_SIGNIFICANT_DIGITS <= number.adjusted() < MAX_SIGNIFICANT_DIGITS:
+        # the same double-precision bound: 1e20 would not be written as an exact JSON number
+        raise _RowError(column, f"{value!r} is out of range (at most {MAX_SIGNIFICANT_DIGITS} digits before or "
+                                "after the decimal point)")
     return number
 
 
@@ -241,6 +270,43 @@ def _labels(value: str) -> tuple[str, ...]:
 # (column, month precision allowed, year precision allowed), in the order rejects name them
 _DATE_COLUMNS = (("birth_date", False, True), ("disease_onset", True, True), ("treatment_start", False, False),
                  ("evaluation_date", False, False))
+
+
+# Letters of other scripts that look like Latin ones (Unicode confusables, the common cases):
+# an identifier typed with them matches nothing a colleague types on a Latin keyboard.
+_LATIN_LOOKALIKES = frozenset(
+    "АВЕЅІЈКМНОРСТХУаеорсухіјѕԁԛԝһӏ"  # Cyrillic
+    "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧονϲ"  # Greek
+)
+
+
+def _script(ch: str) -> str:
+    try:
+        return unicodedata.name(ch).split(" ", 1)[0]
+    except ValueError:
+        return "UNKNOWN"
+
+
+def identifier(column: str, value: str) -> str:
+    """An identifier as compared and stored: NFC-normalised; invisible characters and
+    mixed-script look-alikes (a Cyrillic С in "С01") are refused with the reason."""
+    text = unicodedata.normalize("NFC", value)
+    for ch in text:
+        if unicodedata.category(ch) in ("Cf", "Cc", "Co", "Cn") or (ch.isspace() and ch != " "):
+            name = unicodedata.name(ch, "unnamed")
+            raise _RowError(column, f"contains an invisible character U+{ord(ch):04X} ({name.lower()}); "
+                                    "retype the identifier")
+    scripts = {_script(ch) for ch in text if ch.isalpha()}
+    if len(scripts) > 1:
+        raise _RowError(column, f"mixes {' and '.join(sorted(s.title() for s in scripts))} letters "
+                                f"(look-alike characters?) in {text!r}")
+    if scripts and scripts != {"LATIN"}:
+        letters = [ch for ch in text if ch.isalpha()]
+        if all(ch in _LATIN_LOOKALIKES for ch in letters):
+            script = next(iter(scripts)).title()
+            raise _RowError(column, f"{text!r} is written with {script} letters that look like Latin ones "
+                                    f"({''.join(dict.fromkeys(letters))}); type it in Latin letters")
+    return text
 
 
 def parse_row(values: dict[str, str], mapping: MappingSpec, row: int) -> CaseRecord:
@@ -300,8 +366,8 @@ def parse_row(values: dict[str, str], mapping: MappingSpec, row: int) -> CaseRec
             raise _RowError("recurrence_after_stop", f"expected yes or no, got {values['recurrence_after_stop']!r}")
         recurrence = flag in _YES
     return CaseRecord(
-        case_id=values["case_id"],
-        patient_id=values["patient_id"],
+        case_id=identifier("case_id", values["case_id"]),
+        patient_id=identifier("patient_id", values["patient_id"]),
         sex=sex,
         birth_date=birth,
         indication=values["indication"],
@@ -505,10 +571,17 @@ class CaseReader:
             raise InputError("--sheet applies to .xlsx workbooks only", file=str(self.path))
         else:
             self.report.encoding = detect_encoding(self.path)
+        self._errors = "strict"
+        if self.report.encoding == "cp1252" and has_utf8_sequences(self.path):
+            # UTF-8 with a few stray bytes: read as UTF-8, never silently as cp1252 (mojibake in
+            # every name); the rows holding the stray bytes are rejected, naming their line.
+            self.report.encoding, self._errors = "utf-8-sig", "surrogateescape"
+            self.report.warn("the file is UTF-8 except for stray bytes; rows holding them are rejected "
+                             "(re-save the file as UTF-8)")
         self._columns = self._read_header()
 
     def _open(self) -> TextIO:
-        return self.path.open("r", encoding=self.report.encoding, newline="")
+        return self.path.open("r", encoding=self.report.encoding, errors=self._errors, newline="")
 
     def _header_fields(self) -> list[str]:
         if self.workbook:
@@ -525,7 +598,11 @@ class CaseReader:
             if not first:
                 raise InputError("empty file (no header line)", file=str(self.path))
         self.report.delimiter = _sniff_delimiter(first)
-        return next(csv.reader([first], delimiter=self.report.delimiter))
+        try:
+            return next(csv.reader([first], delimiter=self.report.delimiter))
+        except csv.Error as exc:  # e.g. a header field over the csv module's field limit
+            raise InputError(f"header line is not readable CSV ({exc}; is this a case CSV?)",
+                             file=str(self.path), row=1) from None
 
     def _read_header(self) -> list[str | None]:
         header = self._header_fields()
@@ -613,6 +690,8 @@ class CaseReader:
         """The row-local checks of one row (no state: safe in a worker process)."""
         values = self._values(fields)
         try:
+            if self._errors == "surrogateescape":
+                _check_no_stray_bytes(values)
             if len(fields) > len(self._columns) and any(f.strip() for f in fields[len(self._columns):]):
                 raise _RowError("-", f"row has {len(fields)} fields but the header has {len(self._columns)}")
             return parse_row(values, self.mapping, line)
@@ -628,7 +707,8 @@ class CaseReader:
         for name, raw in zip(self._columns, fields):
             if name is not None:
                 # a formula guard (') added by our CSV writers is taken off again
-                values[name] = unneutralise(raw.strip().lstrip("\ufeff")).strip()
+                # a BOM anywhere in a value (files pasted together) is an artefact, not data
+                values[name] = unneutralise(raw.replace("\ufeff", "").strip()).strip()
         return values
 
     def _label_warnings(self, record: CaseRecord) -> None:

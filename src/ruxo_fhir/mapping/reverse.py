@@ -29,6 +29,7 @@ from ruxo_fhir.mapping.forward import (
 from ruxo_fhir.mapping.spec import LabelSpec, MappingSpec
 from ruxo_fhir.model import CaseRecord
 from ruxo_fhir.resource import Resource
+from ruxo_fhir.shapes import shape_guard
 
 
 def reference_key(reference: str | None) -> str | None:
@@ -201,7 +202,10 @@ class CaseAssembler:
         for case_id, body in self._statements():
             parts = {role: orjson.loads(b) for role, b in
                      db.execute("SELECT role, body FROM part WHERE case_id = ?", (case_id,))}
-            record = self._record(case_id, orjson.loads(body), parts)
+            statement = orjson.loads(body)
+            record = None
+            with shape_guard([statement, *parts.values()], self.warnings, f"case {case_id} left out"):
+                record = self._record(case_id, statement, parts)
             if record is not None:
                 yield record
         if orphans:
