@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from e2e_cli import Run, run_cli
 from helpers import DATA, EXAMPLE_CSV, read_csv_rows
 
@@ -181,9 +180,8 @@ def test_fhir_shape_error_of_valid_data_is_still_a_bug() -> None:
 
     warnings: list[str] = []
     valid = {"resourceType": "Patient", "id": "a", "gender": "female"}
-    with pytest.raises(KeyError):
-        with shape_guard([copy.deepcopy(valid)], warnings, "left out"):
-            raise KeyError("ours")
+    with pytest.raises(KeyError), shape_guard([copy.deepcopy(valid)], warnings, "left out"):
+        raise KeyError("ours")
     with shape_guard([{**valid, "gender": 5}], warnings, "left out"):
         raise TypeError("theirs")
     assert len(warnings) == 1 and "Patient" in warnings[0] and "gender" in warnings[0]

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2e_cli import Run, run_cli
 from fhirserver import generate_smart_key
 from helpers import EXAMPLE_CSV

@@ -12,7 +12,6 @@ prints: the CLI renders results, a program reads their fields.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import tempfile
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -99,11 +98,9 @@ class ImportOptions:
 def import_file(cases: str | Path, output: str | Path, options: ImportOptions | None = None) -> ImportResult:
     """Map a case CSV to validated FHIR (Bundle or ndjson folder); bad rows go to the rejects file."""
     from ruxo_fhir.fhir_version import normalise_version
-    from ruxo_fhir.importer import import_cases
-    from ruxo_fhir.runreport import RunReport
-
-    from ruxo_fhir.importer import default_rejects_path
+    from ruxo_fhir.importer import default_rejects_path, import_cases
     from ruxo_fhir.outpaths import guard_outputs
+    from ruxo_fhir.runreport import RunReport
 
     opt = options or ImportOptions()
     guard_outputs({"CASES": cases, "--mapping": _mapping_path(opt.mapping)},
@@ -185,7 +182,6 @@ class ExportOptions:
 def export_file(file: str | Path, output: str | Path, options: ExportOptions | None = None) -> ExportResult:
     """A Bundle (any type) or an ndjson folder back to the canonical case CSV."""
     from ruxo_fhir.exporter import export_cases
-
     from ruxo_fhir.outpaths import guard_outputs
 
     opt = options or ExportOptions()
@@ -291,8 +287,8 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
     """Push a Bundle, an ndjson folder or a case CSV idempotently (PUT at stable ids)."""
     from ruxo_fhir.connect import make_client
     from ruxo_fhir.fhir_version import normalise_version
-    from ruxo_fhir.runreport import RunReport
     from ruxo_fhir.outpaths import guard_outputs
+    from ruxo_fhir.runreport import RunReport
 
     opt = options or PushOptions()
     guard_outputs({"FILE": file, "--mapping": _mapping_path(opt.mapping)}, {"--report": opt.report})
@@ -406,10 +402,9 @@ def pull(server: ServerSettings, output: str | Path, options: PullOptions | None
     """Pull the cohort (and only the cohort) to a Bundle or an ndjson folder; written atomically."""
     from ruxo_fhir.bundle import writer_for
     from ruxo_fhir.connect import make_client
+    from ruxo_fhir.outpaths import guard_outputs
     from ruxo_fhir.runreport import RunReport
     from ruxo_fhir.sync.pull import PullResult, check_since, pull_start_time, read_cursor, write_cursor
-
-    from ruxo_fhir.outpaths import guard_outputs
 
     opt = options or PullOptions()
     guard_outputs({"--mapping": _mapping_path(opt.mapping)},

@@ -15,6 +15,7 @@ from ruxo_fhir.mapping.reverse import CaseAssembler
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.outpaths import guard_outputs
 from ruxo_fhir.records import CANONICAL_COLUMNS, CaseRecord
+from ruxo_fhir.validate import shape_reason
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ExportResult:
 def read_cases(source: str | Path, mapping: MappingSpec) -> tuple[list[CaseRecord], CaseAssembler]:
     """All case records of a small source as a list (library convenience; export streams)."""
     with CaseAssembler(mapping) as assembler:
+        assembler.explain = shape_reason
         assembler.add_all(iter_resources(source))
         return list(assembler.records()), assembler
 
@@ -83,6 +85,7 @@ def export_cases(source: str | Path, output: str | Path, *, mapping: MappingSpec
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with CaseAssembler(mapping) as assembler, os.fdopen(fd, "wb") as fh:
+            assembler.explain = shape_reason
             assembler.add_all(iter_resources(source))
             rows = write_csv(assembler.records(), fh, excel=excel, decimal=decimal)
         os.replace(tmp, out)

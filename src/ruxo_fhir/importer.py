@@ -8,7 +8,6 @@ writes; the output is byte-identical to `jobs=1` (same order, same bytes).
 """
 from __future__ import annotations
 
-import csv
 import multiprocessing
 import os
 import tempfile
@@ -23,12 +22,12 @@ import orjson
 
 from ruxo_fhir.bundle import NdjsonWriter, writer_for
 from ruxo_fhir.csvsafe import SafeDictWriter
-from ruxo_fhir.outpaths import guard_outputs
-from ruxo_fhir.redact import redact
 from ruxo_fhir.fhir_version import FhirVersion, to_version
 from ruxo_fhir.mapping.forward import ForwardMapper
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.outpaths import guard_outputs
 from ruxo_fhir.records import CANONICAL_COLUMNS, Accepted, CaseReader, CaseRecord, ReadReport, Reject, _digest
+from ruxo_fhir.redact import redact
 from ruxo_fhir.resource import Resource
 from ruxo_fhir.validate import Problem, Validator
 

@@ -39,6 +39,7 @@ from ruxo_fhir.outcomes_rule import (
 from ruxo_fhir.records import FractionCheck
 from ruxo_fhir.resource import Resource
 from ruxo_fhir.shapes import shape_guard
+from ruxo_fhir.validate import shape_reason
 
 
 @dataclass
@@ -141,7 +142,7 @@ class OutcomeCollector:
 
     def add(self, resource: Resource) -> None:
         """Take one resource; a wrong-typed field leaves it out with a warning naming it and why."""
-        with shape_guard([resource], self.warnings, "left out of the outcomes"):
+        with shape_guard([resource], self.warnings, "left out of the outcomes", shape_reason):
             self._add(resource)
 
     def _add(self, resource: Resource) -> None:

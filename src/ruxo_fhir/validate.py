@@ -12,6 +12,7 @@ fast path cannot prove valid goes through the model again, which also words the 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,3 +114,26 @@ class Validator:
         if fast is not None and trace is not None:
             fast.learn(cls, resource, trace)
         return []
+
+
+def shape_reason(resources: Iterable[Any]) -> str | None:
+    """The first structural problem of the resources, as `Type/id at location: why`, or None."""
+    from ruxo_fhir.fhir_version import data_version
+    from ruxo_fhir.shapes import SHAPE_ERRORS
+
+    validators: dict[FhirVersion, Validator] = {}
+    for res in resources:
+        if not isinstance(res, dict):
+            return f"a resource is a JSON {type(res).__name__}, not an object"
+        try:
+            found = data_version(res)
+        except SHAPE_ERRORS:
+            found = None
+        version: FhirVersion = found[0] if found else "R4"  # R4 is the primary target
+        validator = validators.setdefault(version, Validator(version))
+        problems = [p for p in validator.validate(res) if p.severity == "error"]
+        if problems:
+            p = problems[0]
+            where = f" at {p.location}" if p.location else ""
+            return f"{p.resource or res.get('resourceType')}{where}: {p.message}"
+    return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -140,6 +140,9 @@ class CaseAssembler:
         self.skipped = 0
         self.retracted = 0  # entered-in-error resources left out
         self.warnings: list[str] = []
+        # names the wrong-typed field of a case that cannot be read (set by the export stage to
+        # validate.shape_reason); None: such an error is raised, not excused
+        self.explain: Callable[[list[Any]], str | None] | None = None
         self.labels = LabelReader(mapping)
         self._dir = tempfile.TemporaryDirectory(prefix="ruxo-export-")
         self._db = sqlite3.connect(os.path.join(self._dir.name, "cases.sqlite3"))
@@ -204,7 +207,8 @@ class CaseAssembler:
                      db.execute("SELECT role, body FROM part WHERE case_id = ?", (case_id,))}
             statement = orjson.loads(body)
             record = None
-            with shape_guard([statement, *parts.values()], self.warnings, f"case {case_id} left out"):
+            with shape_guard([statement, *parts.values()], self.warnings, f"case {case_id} left out",
+                             self.explain):
                 record = self._record(case_id, statement, parts)
             if record is not None:
                 yield record

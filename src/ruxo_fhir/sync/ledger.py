@@ -78,7 +78,7 @@ class Ledger:
             self._lock = threading.Lock()
             # the schema is checked before anything is written: an unusable ledger stays as it was
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(pushed)")}
-            if columns and not _COLUMNS <= columns:
+            if columns and not columns >= _COLUMNS:
                 self._db.close()
                 raise sqlite3.DatabaseError(f"table 'pushed' lacks {', '.join(sorted(_COLUMNS - columns))}")
             # WAL + NORMAL: a commit per chunk without an fsync each time; a crash loses at most the

@@ -394,8 +394,7 @@ def iter_bounded(resp: requests.Response, *, limit: int, target: str) -> Iterato
     """Decoded body pieces of a long download (constant memory; decompression bounded per piece)."""
     decoder = _BoundedDecoder(resp.headers.get("Content-Encoding", ""))
     for piece in _iter_raw(resp, None, "", target):
-        for out in decoder.decode(piece, limit):
-            yield out
+        yield from decoder.decode(piece, limit)
 
 
 def _mb(n: int) -> str:
@@ -736,7 +735,7 @@ class FhirClient:
                 body = read_bounded(resp, limit=self.max_response_bytes, deadline=deadline, target=target,
                                     timeout=self.timeout)
                 resp._content = body  # requests' own cache: .content / .json() read it from here
-                setattr(resp, "_content_consumed", True)
+                setattr(resp, "_content_consumed", True)  # noqa: B010 - not in the type stubs
         except TemporaryServerError as exc:
             # Raised by the auth object (token endpoint unreachable or busy): nothing reached
             # the FHIR server yet, so any method may be retried.
