@@ -177,11 +177,12 @@ def test_improvement_outside_range_from_fhir_server_not_evaluable_with_warning(t
 def test_fhir_shape_error_of_valid_data_is_still_a_bug() -> None:
     """The shape boundary only excuses invalid FHIR: on valid data an error is raised again."""
     from ruxo_fhir.shapes import shape_guard
+    from ruxo_fhir.validate import shape_reason
 
     warnings: list[str] = []
     valid = {"resourceType": "Patient", "id": "a", "gender": "female"}
     with pytest.raises(KeyError), shape_guard([copy.deepcopy(valid)], warnings, "left out"):
         raise KeyError("ours")
-    with shape_guard([{**valid, "gender": 5}], warnings, "left out"):
+    with shape_guard([{**valid, "gender": 5}], warnings, "left out", shape_reason):
         raise TypeError("theirs")
     assert len(warnings) == 1 and "Patient" in warnings[0] and "gender" in warnings[0]
