@@ -181,7 +181,7 @@ def test_fhir_shape_error_of_valid_data_is_still_a_bug() -> None:
 
     warnings: list[str] = []
     valid = {"resourceType": "Patient", "id": "a", "gender": "female"}
-    with pytest.raises(KeyError), shape_guard([copy.deepcopy(valid)], warnings, "left out"):
+    with pytest.raises(KeyError), shape_guard([copy.deepcopy(valid)], warnings, "left out", shape_reason):
         raise KeyError("ours")
     with shape_guard([{**valid, "gender": 5}], warnings, "left out", shape_reason):
         raise TypeError("theirs")
