@@ -17,7 +17,7 @@ import responses
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ruxo_fhir.errors import AuthError, CapabilityError, RuxoError, TemporaryServerError
+from ruxo_fhir.errors import AuthError, CapabilityError, ConfigError, RuxoError, TemporaryServerError
 from ruxo_fhir.transport import (
     BasicAuth,
     BearerAuth,
@@ -228,10 +228,10 @@ def test_smart_repr_reveals_no_secret(rsps: responses.RequestsMock, rsa_key: rsa
 
 def test_smart_rejects_unsuitable_keys() -> None:
     p256 = ec.generate_private_key(ec.SECP256R1())
-    with pytest.raises(AuthError, match="RS384 or ES384"):
+    with pytest.raises(ConfigError, match="RS384 or ES384"):
         SmartBackendAuth(BASE, "c", pem(p256))
     assert SmartBackendAuth(BASE, "c", pem(p256), alg="ES256").alg == "ES256"
-    with pytest.raises(AuthError, match="cannot load"):
+    with pytest.raises(ConfigError, match="cannot load"):
         SmartBackendAuth(BASE, "c", b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
 
 

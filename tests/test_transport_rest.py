@@ -14,7 +14,15 @@ import requests.auth
 import responses
 from urllib3.exceptions import ProtocolError
 
-from ruxo_fhir.errors import AuthError, CapabilityError, FatalServerError, RuxoError, TemporaryServerError
+from ruxo_fhir.errors import (
+    AuthError,
+    CapabilityError,
+    FatalServerError,
+    NotFound,
+    OutcomeIssue,
+    RuxoError,
+    TemporaryServerError,
+)
 from ruxo_fhir.transport import (
     BearerAuth,
     FhirClient,
@@ -98,14 +106,16 @@ def test_summarize_outcome_tolerates_missing_fields() -> None:
 
 TEMPORARY = [408, 429, 500, 502, 503, 504]
 AUTH = [401, 403]
-FATAL = [400, 404, 405, 409, 410, 412, 422, 501]
+FATAL = [400, 405, 409, 412, 422, 501]
+NOT_FOUND = [404, 410]  # NotFound, a FatalServerError (issue 10: callers that check 404/410 catch it)
 
 
 @pytest.mark.parametrize(
     "status,cls",
     [(s, TemporaryServerError) for s in TEMPORARY]
     + [(s, AuthError) for s in AUTH]
-    + [(s, FatalServerError) for s in FATAL],
+    + [(s, FatalServerError) for s in FATAL]
+    + [(s, NotFound) for s in NOT_FOUND],
 )
 def test_raise_for_response_maps_status(status: int, cls: type[Exception]) -> None:
     body = json.dumps(OPERATION_OUTCOME).encode()
@@ -117,6 +127,16 @@ def test_raise_for_response_maps_status(status: int, cls: type[Exception]) -> No
     assert err.issues == summarize_outcome(OPERATION_OUTCOME)  # type: ignore[attr-defined]
     assert err.case_id == "C7"  # type: ignore[attr-defined]
     assert "bad date" in str(err) and "(case C7)" in str(err)
+
+
+def test_server_error_carries_structured_outcome_issues() -> None:
+    body = json.dumps(OPERATION_OUTCOME).encode()
+    with pytest.raises(FatalServerError) as info:
+        raise_for_response(422, {}, body, f"{BASE}/Patient/1")
+    first = info.value.outcome[0]
+    assert first == OutcomeIssue("error", "invalid", "Patient.birthDate: bad date", ("Patient.birthDate",))
+    assert len(info.value.outcome) == len(info.value.issues)
+    assert issubclass(NotFound, FatalServerError)
 
 
 @pytest.mark.parametrize("status", [200, 201, 204, 304])

@@ -1,6 +1,7 @@
 """One root exception and a small tree under it, classed by what the caller does next."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ruxo_fhir.redact import redact
@@ -23,6 +24,11 @@ class UsageError(RuxoError):
     """The command line or a setting is wrong (exit 2): what to change."""
 
     exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A local setting is unusable (key file unreadable or not a usable key, client id or token
+    missing, unknown auth kind): fix the configuration; the server was never asked (exit 2)."""
 
 
 class InputError(RuxoError):
@@ -82,8 +88,23 @@ class ValidationError(RuxoError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
+@dataclass(frozen=True)
+class OutcomeIssue:
+    """One OperationOutcome issue as the server sent it, so callers decide on ``code`` and the
+    HTTP status rather than on the wording of ``diagnostics`` (which varies by server)."""
+
+    severity: str = ""
+    code: str = ""
+    diagnostics: str = ""
+    expression: tuple[str, ...] = ()
+
+
 class ServerError(RuxoError):
-    """A FHIR server refused or failed a request."""
+    """A FHIR server refused or failed a request.
+
+    ``issues`` are readable summary lines (for messages); ``outcome`` holds the same issues
+    structured (severity, code, diagnostics, expression) for decisions.
+    """
 
     exit_code = 4
 
@@ -95,10 +116,15 @@ class ServerError(RuxoError):
         issues: list[str] | None = None,
         case_id: str | None = None,
         url: str | None = None,
+        outcome: tuple[OutcomeIssue, ...] = (),
     ) -> None:
         self.reason = reason
         self.status = status
         self.issues = [redact(i) for i in issues or []]
+        self.outcome = tuple(
+            OutcomeIssue(i.severity, i.code, redact(i.diagnostics), tuple(redact(e) for e in i.expression))
+            for i in outcome
+        )
         self.case_id = case_id
         self.url = url
         head = f"HTTP {status}: " if status else ""
@@ -117,6 +143,10 @@ class AuthError(ServerError):
 
 class FatalServerError(ServerError):
     """Any other 4xx: retrying the same request cannot help."""
+
+
+class NotFound(FatalServerError):
+    """404 or 410: the resource (or endpoint) is not there, or is gone."""
 
 
 class CapabilityError(ServerError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -39,11 +38,32 @@ log = logging.getLogger("ruxo_fhir.sync")
 LEDGER_WINDOW = 1000  # entries whose server versions are checked together on a re-push
 T = TypeVar("T")
 
-# A size refusal, not a validation error ("value exceeds maximum length" must not shrink chunks).
-_TOO_BIG = re.compile(r"too[- ]costly|(bundle|entries|entry count|request|payload)\b[^.;]*"
-                      r"(too (many|large|big)|exceed|maximum|limit)", re.I)
-_NO_TRANSACTION = re.compile(r"transaction", re.I)
-_NOT_SUPPORTED = re.compile(r"not (supported|allowed|implemented)|only batch|batch[- ]only|unsupported", re.I)
+# Decisions on a refused bundle read the HTTP status and the OperationOutcome issue codes, never
+# the server's wording. A size refusal is 413, or `too-costly` (any place), or `too-long` about
+# the Bundle itself or its entry list -- a `too-long` deeper in a resource is a validation error
+# ("value exceeds maximum length") and must not shrink chunks.
+_SIZE_STATUSES = frozenset({400, 413, 422})
+_BUNDLE_LEVEL = frozenset({"", "Bundle", "Bundle.entry", "Bundle.type"})
+
+
+def refused_as_too_big(exc: ServerError) -> bool:
+    """The server refused the bundle for its size (so smaller bundles may pass)."""
+    if exc.status == 413:
+        return True
+    if exc.status not in _SIZE_STATUSES:
+        return False
+    return any(i.code == "too-costly" or (i.code == "too-long" and _at_bundle_level(i.expression))
+               for i in exc.outcome)
+
+
+def refused_transactions(exc: ServerError) -> bool:
+    """The server refused the bundle TYPE: a `not-supported` issue about ``Bundle.type`` (or about no
+    element at all), not an entry inside the transaction."""
+    return any(i.code == "not-supported" and _at_bundle_level(i.expression) for i in exc.outcome)
+
+
+def _at_bundle_level(expression: tuple[str, ...]) -> bool:
+    return not expression or all(e in _BUNDLE_LEVEL for e in expression)
 
 
 class Client(Protocol):
@@ -386,7 +406,7 @@ class Pusher:
             written = self.result.created + self.result.updated + self.result.unchanged
             raise CapabilityError(f"{exc.reason}; " + (f"{written} entries were written or confirmed before this, "
                                   "the rest not" if self.result.bundles_sent else "nothing was written"),
-                                  status=exc.status, issues=exc.issues, url=exc.url) from None
+                                  status=exc.status, issues=exc.issues, url=exc.url, outcome=exc.outcome) from None
         return self.result
 
     def _push_all(self, resources: Iterable[Resource]) -> None:
@@ -581,9 +601,7 @@ class Pusher:
                     yield Group(g.case_id, g.resources[i:i + size])
 
     def _too_big(self, exc: ServerError) -> bool:
-        return exc.status == 413 or (bool(_TOO_BIG.search(" ".join(exc.issues) + " " + exc.reason)) and (
-            exc.status in (400, 413, 422)
-        ))
+        return refused_as_too_big(exc)
 
     def _send_transaction(self, groups: list[Group], hashes: dict[str, str]) -> None:
         resources = [r for g in groups for r in g.resources]
@@ -593,13 +611,12 @@ class Pusher:
                 self.result.bundles_sent += 1
             response = self.client.post_bundle(bundle, idempotent=True)
         except FatalServerError as exc:
-            text = " ".join(exc.issues) + " " + exc.reason
             if self._too_big(exc) and self._shrink(groups, hashes, f"HTTP {exc.status}"):
                 return
             if self.result.mode == "batch":  # another sending thread switched meanwhile
                 self._send_batch(groups, hashes)
                 return
-            if _NO_TRANSACTION.search(text) and _NOT_SUPPORTED.search(text) and not self.opt.mode_explicit:
+            if refused_transactions(exc) and not self.opt.mode_explicit:
                 self._switch_to_batch("the server refused a transaction bundle")
                 self._send_batch(groups, hashes)
                 return

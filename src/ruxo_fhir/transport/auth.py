@@ -19,7 +19,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ruxo_fhir.errors import AuthError, CapabilityError, RuxoError, TemporaryServerError, UsageError
+from ruxo_fhir.errors import AuthError, CapabilityError, ConfigError, RuxoError, TemporaryServerError, UsageError
 from ruxo_fhir.redact import remember, remember_basic
 from ruxo_fhir.transport.outcome import TEMPORARY_STATUSES, raise_for_response, redact_url
 
@@ -43,7 +43,7 @@ class BearerAuth(requests.auth.AuthBase):
 
     def __init__(self, token: str) -> None:
         if not token:
-            raise AuthError("bearer token is empty")
+            raise ConfigError("bearer token is empty")
         remember(token)
         check_token_text(token)
         self._token = token
@@ -104,11 +104,11 @@ def public_jwk(key: PublicKey | PrivateKey) -> dict[str, str]:
     if isinstance(public, ec.EllipticCurvePublicKey):
         crv = _CURVE_NAMES.get(public.curve.name)
         if crv is None:
-            raise AuthError(f"unsupported elliptic curve {public.curve.name}")
+            raise ConfigError(f"unsupported elliptic curve {public.curve.name}")
         size = (public.curve.key_size + 7) // 8  # coordinates are padded to the field size
         point = public.public_numbers()
         return {"crv": crv, "kty": "EC", "x": _b64url(_int_bytes(point.x, size)), "y": _b64url(_int_bytes(point.y, size))}
-    raise AuthError("only RSA and EC keys are supported")
+    raise ConfigError("only RSA and EC keys are supported")
 
 
 def jwk_thumbprint(key: PublicKey | PrivateKey) -> str:
@@ -122,9 +122,9 @@ def _load_private_key(pem: bytes, password: bytes | None) -> PrivateKey:
         key = serialization.load_pem_private_key(pem, password=password)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # The library's message never quotes key material, but keep ours generic anyway.
-        raise AuthError(f"cannot load the SMART private key ({type(exc).__name__}: is it an unencrypted PEM key?)") from exc
+        raise ConfigError(f"cannot load the SMART private key ({type(exc).__name__}: is it an unencrypted PEM key?)") from exc
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
-        raise AuthError("the SMART private key must be RSA or EC (P-384)")
+        raise ConfigError("the SMART private key must be RSA or EC (P-384)")
     return key
 
 
@@ -134,14 +134,14 @@ def _choose_alg(key: PrivateKey, alg: str | None) -> str:
             alg[:2] == "ES" and isinstance(key, ec.EllipticCurvePrivateKey)
         )
         if not family_ok:
-            raise AuthError(f"algorithm {alg} does not fit a {type(key).__name__.replace('PrivateKey', '')} key")
+            raise ConfigError(f"algorithm {alg} does not fit a {type(key).__name__.replace('PrivateKey', '')} key")
         return alg
     if isinstance(key, rsa.RSAPrivateKey):
         return "RS384"
     if key.curve.name == "secp384r1":
         return "ES384"
     # SMART Backend Services servers must support RS384 and ES384 only; anything else is opt-in.
-    raise AuthError(f"SMART backend services expect RS384 or ES384; a {key.curve.name} key needs an explicit alg")
+    raise ConfigError(f"SMART backend services expect RS384 or ES384; a {key.curve.name} key needs an explicit alg")
 
 
 class SmartBackendAuth(requests.auth.AuthBase):
@@ -172,7 +172,7 @@ class SmartBackendAuth(requests.auth.AuthBase):
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not client_id:
-            raise AuthError("SMART client_id is empty")
+            raise ConfigError("SMART client_id is empty")
         self.fhir_base_url = fhir_base_url.rstrip("/")
         self.client_id = client_id
         self._key = _load_private_key(private_key_pem, key_password)
@@ -397,7 +397,7 @@ def auth_from_options(
     fhir_base_url: str | None = None,
     verify: bool | str = True,
 ) -> requests.auth.AuthBase | None:
-    """The auth object for ``kind`` (none|bearer|basic|smart), or AuthError naming what is missing.
+    """The auth object for ``kind`` (none|bearer|basic|smart), or ConfigError naming what is missing.
 
     Environment variables (RUXO_FHIR_TOKEN, RUXO_FHIR_PASSWORD) are read by the caller.
     """
@@ -406,24 +406,24 @@ def auth_from_options(
         return None
     if kind == "bearer":
         if not token:
-            raise AuthError("auth 'bearer' needs a token (set RUXO_FHIR_TOKEN)")
+            raise ConfigError("auth 'bearer' needs a token (set RUXO_FHIR_TOKEN)")
         return BearerAuth(token)
     if kind == "basic":
         missing = [name for name, value in (("user", user), ("password", password)) if not value]
         if missing:
-            raise AuthError(f"auth 'basic' needs {' and '.join(missing)} (password via RUXO_FHIR_PASSWORD)")
+            raise ConfigError(f"auth 'basic' needs {' and '.join(missing)} (password via RUXO_FHIR_PASSWORD)")
         assert user is not None and password is not None
         return BasicAuth(user, password)
     if kind == "smart":
         needed = (("client id", client_id), ("private key file", private_key_path), ("FHIR base URL", fhir_base_url))
         missing = [name for name, value in needed if not value]
         if missing:
-            raise AuthError(f"auth 'smart' needs {', '.join(missing)}")
+            raise ConfigError(f"auth 'smart' needs {', '.join(missing)}")
         assert client_id and private_key_path and fhir_base_url
         try:
             pem = Path(private_key_path).read_bytes()
         except OSError as exc:
-            raise AuthError(f"cannot read private key file {private_key_path}: {exc.strerror or type(exc).__name__}") from exc
+            raise ConfigError(f"cannot read private key file {private_key_path}: {exc.strerror or type(exc).__name__}") from exc
         return SmartBackendAuth(
             fhir_base_url,
             client_id,
@@ -432,4 +432,4 @@ def auth_from_options(
             scope=scope or DEFAULT_SMART_SCOPE,
             verify=verify,
         )
-    raise AuthError(f"unknown auth kind {kind!r}; choose one of {', '.join(AUTH_KINDS)}")
+    raise ConfigError(f"unknown auth kind {kind!r}; choose one of {', '.join(AUTH_KINDS)}")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
-from ruxo_fhir.errors import AuthError, FatalServerError, ServerError, TemporaryServerError
+from ruxo_fhir.errors import AuthError, FatalServerError, NotFound, OutcomeIssue, ServerError, TemporaryServerError
 
 # Statuses worth retrying with backoff. 408/429/502/503/504 are transient by definition. 500 is
 # included on field evidence (cumulus-fhir-support retries it for the same reason): some EHRs
@@ -17,6 +17,7 @@ from ruxo_fhir.errors import AuthError, FatalServerError, ServerError, Temporary
 # 501 (Not Implemented) and the rarer 5xx are NOT here: asking again cannot help.
 TEMPORARY_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_STATUSES: frozenset[int] = frozenset({401, 403})
+NOT_FOUND_STATUSES: frozenset[int] = frozenset({404, 410})
 
 _MAX_ISSUE_CHARS = 500
 _MAX_OUTCOME_BYTES = 2_000_000
@@ -34,6 +35,34 @@ def summarize_outcome(oo: Mapping[str, Any]) -> list[str]:
     if not isinstance(issues, list):
         return []
     return [_issue_line(issue) for issue in issues if isinstance(issue, Mapping)]
+
+
+def structured_issues(oo: Mapping[str, Any]) -> tuple[OutcomeIssue, ...]:
+    """The OperationOutcome's issues as OutcomeIssue values (same fallbacks as the summary lines)."""
+    issues = oo.get("issue") if isinstance(oo, Mapping) else None
+    if not isinstance(issues, list):
+        return ()
+    return tuple(_structured(issue) for issue in issues if isinstance(issue, Mapping))
+
+
+def _structured(issue: Mapping[str, Any]) -> OutcomeIssue:
+    where: tuple[str, ...] = ()
+    for key in ("expression", "location"):
+        values = issue.get(key)
+        if isinstance(values, list):
+            where = tuple(_one_line(v) for v in values if isinstance(v, str))
+            if where:
+                break
+    return OutcomeIssue(
+        severity=_text(issue.get("severity")),
+        code=_text(issue.get("code")),
+        diagnostics=_one_line(_issue_text(issue)),
+        expression=where,
+    )
+
+
+def _text(value: object) -> str:
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _issue_line(issue: Mapping[str, Any]) -> str:
@@ -108,15 +137,20 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
 
 def outcome_issues(headers: Mapping[str, str], body: bytes) -> list[str]:
     """Summary lines of an OperationOutcome body; [] for anything else (never other body content)."""
+    doc = _outcome_doc(body)
+    return summarize_outcome(doc) if doc is not None else []
+
+
+def _outcome_doc(body: bytes) -> dict[str, Any] | None:
     if not body or len(body) > _MAX_OUTCOME_BYTES or not body.lstrip().startswith(b"{"):
-        return []
+        return None
     try:
         doc = json.loads(body)
     except ValueError:
-        return []
+        return None
     if not isinstance(doc, dict) or doc.get("resourceType") != "OperationOutcome":
-        return []
-    return summarize_outcome(doc)
+        return None
+    return doc
 
 
 def _reason(status: int, headers: Mapping[str, str], url: str) -> str:
@@ -141,7 +175,9 @@ def error_class(status: int) -> type[ServerError]:
         return TemporaryServerError
     if status in AUTH_STATUSES:
         return AuthError
-    # 404/410 and every other 4xx, plus 501 and unusual 5xx: the same request will fail again.
+    if status in NOT_FOUND_STATUSES:
+        return NotFound
+    # every other 4xx, plus 501 and unusual 5xx: the same request will fail again.
     return FatalServerError
 
 
@@ -154,9 +190,9 @@ def raise_for_response(
 ) -> None:
     """Raise the matching ServerError for an error status (>= 400); return quietly otherwise.
 
-    408/429/500/502/503/504 → TemporaryServerError, 401/403 → AuthError, any other 4xx/5xx →
-    FatalServerError. ``issues`` holds the OperationOutcome summary when the body is one; the
-    message never carries other body content, request bodies, tokens or query values.
+    408/429/500/502/503/504 → TemporaryServerError, 401/403 → AuthError, 404/410 → NotFound,
+    any other 4xx/5xx → FatalServerError. When the body is an OperationOutcome, ``outcome`` holds
+    its issues structured and ``issues`` their summary lines; the message never carries other body content, request bodies, tokens or query values.
     """
     if status < 400:
         return
@@ -165,10 +201,12 @@ def raise_for_response(
 
 def _raise(status: int, headers: Mapping[str, str], body: bytes, url: str, case_id: str | None) -> NoReturn:
     cls = error_class(status)
+    doc = _outcome_doc(body)
     raise cls(
         _reason(status, headers, url),
         status=status,
-        issues=outcome_issues(headers, body),
+        issues=summarize_outcome(doc) if doc is not None else [],
+        outcome=structured_issues(doc) if doc is not None else (),
         case_id=case_id,
         url=redact_url(url),
     )
