@@ -67,7 +67,8 @@ def test_json_logs_and_no_patient_data(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert canary not in proc.stderr and canary not in proc.stdout
     assert canary not in report.read_text()
-    assert proc.stderr.strip().splitlines()[-1] == "accepted 12, rejected 1, total 13"
+    # issue 14: with --log-format json the summary line is JSON as well
+    assert json.loads(proc.stderr.strip().splitlines()[-1])["msg"] == "accepted 12, rejected 1, total 13"
 
 
 def test_json_log_lines_are_json(tmp_path: Path, fhir_server: Any) -> None:
