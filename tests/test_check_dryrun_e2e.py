@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e  # every test here starts the test FHIR server
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CSV = REPO / "examples" / "cases.csv"
 EXAMPLE_TOTAL = {"AdverseEvent": 1, "Condition": 12, "MedicationStatement": 32, "Observation": 17, "Patient": 12}
-PLAN_ROW = re.compile(r"^\s+(\w+)\s+create\s+(\d+)\s+update\s+(\d+)\s+unchanged\s+(\d+)\s*$")
+PLAN_ROW = re.compile(r"^\s+(\w+)\s+create\s+(\d+)\s+update\s+(\d+)\s+unchanged\s+(\d+)(?:\s+conflict\s+0)?\s*$")
 
 
 class Run(BaseRun):

@@ -127,3 +127,21 @@ def test_a_retracted_observation_alone_changes_the_evaluation(tmp_path: Path) ->
     out = compute_outcomes(resources, mapping)
     c01 = next(c for c in out.cases if c.case_id == "C01")
     assert c01.category == "not_evaluable"
+
+
+# --- the shipped example identifier systems on a shared server --------------------------------
+
+def test_example_systems_warning_only_off_loopback(tmp_path: Path) -> None:
+    from ruxo_fhir.sync.push import shared_systems_warning
+
+    shipped = load_mapping(None)
+    assert len(shipped.example_identifier_systems()) == 3
+    for url in ("http://127.0.0.1:8080/fhir", "http://localhost/fhir", "http://[::1]:9/fhir"):
+        assert shared_systems_warning(shipped, url) is None
+    said = shared_systems_warning(shipped, "https://ehr.hospital.org/fhir")
+    assert said is not None and "https://ruxo-fhir.example/sid/case-id" in said
+
+    own = tmp_path / "own.yaml"
+    own.write_text(DEFAULT_MAPPING.read_text(encoding="utf-8").replace("ruxo-fhir.example/sid",
+                                                                       "derm.chu-site.fr/sid"), encoding="utf-8")
+    assert shared_systems_warning(load_mapping(own), "https://ehr.hospital.org/fhir") is None

@@ -43,7 +43,7 @@ CASE_SYSTEM = "https://ruxo-fhir.example/sid/case-id"
 PATIENT_SYSTEM = "https://ruxo-fhir.example/sid/patient-id"
 RESOURCE_SYSTEM = "https://ruxo-fhir.example/sid/case-resource"
 FHIR_JSON = "application/fhir+json"
-SUMMARY = re.compile(r"created (\d+), updated (\d+), unchanged (\d+), rejected (\d+), total (\d+)")
+SUMMARY = re.compile(r"created (\d+), updated (\d+), unchanged (\d+), conflict (\d+), rejected (\d+), total (\d+)")
 DELETE_ORDER = ("AdverseEvent", "Observation", "MedicationStatement", "Condition", "Patient")
 
 
@@ -56,7 +56,7 @@ class Run:
     def summary(self) -> dict[str, int]:
         found = SUMMARY.findall(self.stderr)
         assert found, f"no push summary line\n{self}"
-        names = ("created", "updated", "unchanged", "rejected", "total")
+        names = ("created", "updated", "unchanged", "conflict", "rejected", "total")
         return dict(zip(names, map(int, found[-1])))
 
     def __str__(self) -> str:

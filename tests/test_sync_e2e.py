@@ -38,11 +38,11 @@ PATIENT_SYSTEM = "https://ruxo-fhir.example/sid/patient-id"
 RESOURCE_SYSTEM = "https://ruxo-fhir.example/sid/case-resource"
 FHIR_JSON = "application/fhir+json"
 ALL_FAULTS = {"429": 7, "503": 11, "drop_before": 13, "drop_after": 17}
-SUMMARY = re.compile(r"created (\d+), updated (\d+), unchanged (\d+), rejected (\d+), total (\d+)")
+SUMMARY = re.compile(r"created (\d+), updated (\d+), unchanged (\d+), conflict (\d+), rejected (\d+), total (\d+)")
 RUN_LINE = re.compile(r"mode (\w+), (\d+) bundle\(s\), (\d+) request\(s\)")
-# How the engine reports a `PUT Type/id` that created the resource. FHIR says 201; Medplum's router
-# answers 200 with an `ok` outcome, and push counts what the server says, never what it assumes.
-PUT_CREATE_COUNTED_AS = "updated"
+# How push counts a `PUT Type/id` that created the resource. FHIR says 201; Medplum's router answers
+# 200 with an `ok` outcome; push read the server before writing (nothing there), so it counts created.
+PUT_CREATE_COUNTED_AS = "created"
 # ... per engine: HAPI FHIR JPA answers 201 Created.
 PUT_CREATE_COUNTED = {"medplum": PUT_CREATE_COUNTED_AS, "hapi": "created"}
 
@@ -68,9 +68,9 @@ class Run(BaseRun):
     def summary(self) -> dict[str, int]:
         found = SUMMARY.findall(self.stderr)
         assert found, f"no push summary line\n{self}"
-        created, updated, unchanged, rejected, total = map(int, found[-1])
-        return {"created": created, "updated": updated, "unchanged": unchanged, "rejected": rejected,
-                "total": total}
+        created, updated, unchanged, conflict, rejected, total = map(int, found[-1])
+        return {"created": created, "updated": updated, "unchanged": unchanged, "conflict": conflict,
+                "rejected": rejected, "total": total}
 
     def run_line(self) -> tuple[str, int, int]:
         found = RUN_LINE.findall(self.stderr)
@@ -240,8 +240,10 @@ def test_push_example_twice_exact_counts_second_run_sends_nothing(
     assert s1["created"] + s1["updated"] == s1["total"] and s1["unchanged"] == s1["rejected"] == 0, first
     mode, bundles, reqs = first.run_line()
     assert (mode, bundles) == ("transaction", 1), first
-    # one GET /metadata and one transaction POST; no search before the first write
-    assert reqs == 2, first
+    # one GET /metadata, one `_id` search per type (what is there already: another team's or a
+    # clinician's data is never overwritten blindly, issue 12), one transaction POST, and the
+    # cohort read that counts what the source no longer produces (6 one-page searches here)
+    assert reqs == 2 + len(want) + 6, first
     assert "\r" not in first.stderr, "a progress bar was drawn although stderr is not a terminal"
     assert server_count(fhir_server) == want
     after_first = fhir_server.stats()
@@ -348,13 +350,24 @@ def test_resources_deleted_or_edited_behind_our_back_are_pushed_again(
                      headers={"Content-Type": FHIR_JSON}, timeout=30)
     assert r.status_code == 200, r.text
 
+    # the deleted Condition is written again; the Patient edited on the server is a conflict:
+    # not overwritten, one line, exit 1 (issue 12: no lost updates)
     run = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
-    assert run.exit_code == 0, run
+    assert run.exit_code == 1, run
     s = run.summary()
-    # one re-created (Medplum says 200 for that PUT too), one updated
-    assert s["created"] + s["updated"] == 2 and s[counted_as(fhir_server)] >= 1, run
+    assert s["created"] == 1 and s["updated"] == 0 and s["conflict"] == 1, run
     assert s["unchanged"] == len(resources) - 2, run
     assert server_count(fhir_server) == want
+    lines = [ln for ln in run.lines if ln.startswith("conflict:")]
+    assert len(lines) == 1 and "Patient/" + patient["id"] in lines[0] and "gender" in lines[0], run
+    on_server = requests.get(f"{fhir_server.base_url}/Patient/{patient['id']}", timeout=30).json()
+    assert on_server["gender"] == edited["gender"]
+
+    # asked to overwrite: the local copy wins, with If-Match on the version just read
+    run = cli("push", example_bundle, "--server", fhir_server.base_url, "--on-conflict", "overwrite", state=state)
+    assert run.exit_code == 0, run
+    s = run.summary()
+    assert s["updated"] == 1 and s["conflict"] == 0 and s["unchanged"] == len(resources) - 1, run
     on_server = requests.get(f"{fhir_server.base_url}/Patient/{patient['id']}", timeout=30).json()
     assert on_server["gender"] == patient["gender"]
 
@@ -815,8 +828,12 @@ def test_push_requests_and_throughput_vs_raw_transaction_post(
         requests_sent = client.request_count
     ours = time.monotonic() - started
     assert getattr(result, counted_as(fhir_server)) == result.total == len(resources)
-    # a first push to an empty server: one GET /metadata, then one POST per bundle, nothing else
-    assert requests_sent == result.bundles_sent + 1
+    # a first push to an empty server: one GET /metadata, one POST per bundle, and the reads that
+    # learn what is there already (one `_id` search per type and up to 100 resources)
+    reads = requests_sent - result.bundles_sent - 1
+    # ... and the cohort read at the end (pages of 50) that counts removed cases (issue 12)
+    assert 0 < reads <= sum(-(-n // 100) for n in type_counts(resources).values()) \
+        + 5 * (len(resources) // 1000 + 1) + len(resources) // 25 + 10
     # chunks keep whole cases (at most a dozen entries each) together: nearly full bundles
     assert -(-len(resources) // 200) <= result.bundles_sent <= -(-len(resources) // 188)
     _assert_exact(fhir_server, resources)

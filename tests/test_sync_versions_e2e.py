@@ -63,8 +63,13 @@ def test_versions_learned_from_the_reply_or_one_read_then_repush_writes_nothing(
         assert s1["created"] == len(resources), first  # HAPI says 201
     stats = fhir_server.stats()
     assert stats["write_entries_received"] == len(resources)
-    # the read after the write: one `_id` search per written type (each < 100 resources), or none
-    assert stats["reads"] == (len(want) if engine(fhir_server) == "medplum" else 0), stats
+    # one `_id` search per type before the write (what is there already, issue 12), the read after
+    # the write where the replies named no version (Medplum; HAPI names them), and the cohort read
+    # that counts removed cases (6 one-page searches here on Medplum)
+    if engine(fhir_server) == "medplum":
+        assert stats["reads"] == 2 * len(want) + 6, stats
+    else:
+        assert len(want) + 1 <= stats["reads"] <= len(want) + 12, stats
 
     second = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
     assert second.exit_code == 0, second
@@ -102,13 +107,19 @@ def test_reset_server_refilled_by_another_writer_is_not_unchanged(
     assert on_server["meta"]["versionId"] == "1" and on_server["gender"] == theirs["gender"]
     received = fhir_server.stats()["write_entries_received"]
 
+    # Their Patient (same versionId "1", other lastUpdated, other content) is not the copy this
+    # ledger wrote: a conflict, never overwritten unasked (issue 12); the equal copies are unchanged.
     again = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
-    assert again.exit_code == 0, again
+    assert again.exit_code == 1, again
     s = again.summary()
-    assert s["unchanged"] == 0 and s["total"] == len(resources), again
-    assert fhir_server.stats()["write_entries_received"] == received + len(resources)
+    assert s["conflict"] == 1 and s["unchanged"] == len(resources) - 1 and s["total"] == len(resources), again
+    assert fhir_server.stats()["write_entries_received"] == received
     on_server = requests.get(f"{fhir_server.base_url}/Patient/{patient['id']}", timeout=30).json()
-    assert on_server["gender"] == patient["gender"], "the other writer's copy was reported unchanged"
+    assert on_server["gender"] == theirs["gender"], "the other writer's copy was overwritten"
 
-    third = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
-    assert third.summary()["unchanged"] == len(resources), third  # now the copies are ours again
+    third = cli("push", example_bundle, "--server", fhir_server.base_url, "--on-conflict", "overwrite", state=state)
+    assert third.exit_code == 0 and third.summary()["updated"] == 1, third
+    on_server = requests.get(f"{fhir_server.base_url}/Patient/{patient['id']}", timeout=30).json()
+    assert on_server["gender"] == patient["gender"]
+    fourth = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
+    assert fourth.summary()["unchanged"] == len(resources), fourth  # now the copies are ours again

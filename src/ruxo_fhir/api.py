@@ -205,6 +205,11 @@ class PushOptions:
     # Bundles in flight at once (1: one request at a time). Worth raising for a remote server
     # that is slow per request but takes several at once; the reference order is kept.
     concurrency: int = 1
+    ids: str = "auto"  # client | server | auto (server when the server refuses client ids)
+    on_conflict: str = "skip"  # skip | overwrite a server copy someone else changed
+    prune: bool = False  # retract cohort resources the source no longer produces
+    prune_max: float = 20.0  # percent of the cohort a prune may retract
+    rejects: Path | None = None  # rejected cases (CSV); default <input stem>.push-rejects.csv beside it
 
 
 @dataclass
@@ -216,12 +221,17 @@ class PushSummary:
     plan: PushPlan | None = None
     row_rejects: list[Reject] = field(default_factory=list)
     requests: int = 0
+    prune: bool = False
+    rejects_file: Path | None = None  # written when push rejected a case
+    default_rejects: Path = Path("push-rejects.csv")
 
     @property
     def exit_code(self) -> int:
         if self.plan is not None:
-            return 1 if self.plan.problems else 0
-        return 1 if (self.result is not None and self.result.rejected) or self.row_rejects else 0
+            return 1 if self.plan.problems or self.plan.totals["conflict"] or self.plan.prune_refused else 0
+        r = self.result
+        failed = r is not None and bool(r.rejected or r.conflict or r.prune_refused)
+        return 1 if failed or self.row_rejects else 0
 
 
 class RecentRows(dict[str, int]):
@@ -299,13 +309,15 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
     run.server = server.url
     run.add_input(Path(file))
     run.set_mapping(mapping)
-    summary = PushSummary(server=server.url or "")
+    source = Path(file)
+    summary = PushSummary(server=server.url or "", prune=opt.prune,
+                          default_rejects=source.parent / f"{source.stem}.push-rejects.csv")
     case_rows: dict[str, int] = RecentRows()
     resources = _push_source(Path(file), mapping, version, case_rows, summary.row_rejects)
     client = make_client(server)
     try:
         if opt.dry_run:
-            _dry_run(client, resources, mapping, version, case_rows, summary, run)
+            _dry_run(client, resources, mapping, version, case_rows, opt, server, summary, run)
         else:
             _push(client, resources, mapping, version, case_rows, opt, server, summary, run, Path(file))
     except RuxoError as exc:
@@ -318,25 +330,39 @@ def push(file: str | Path, server: ServerSettings, options: PushOptions | None =
     return summary
 
 
+def _sync_options(opt: PushOptions, server: ServerSettings, version: FhirVersion, summary: PushSummary) -> Any:
+    from ruxo_fhir.sync.push import PushOptions as SyncPushOptions
+
+    return SyncPushOptions(batch_size=opt.batch_size or server.batch_size or 200,
+                           mode=opt.mode or "transaction", mode_explicit=opt.mode is not None,
+                           version=version, use_ledger=opt.use_ledger, ids=opt.ids, on_conflict=opt.on_conflict,
+                           dry_run=opt.dry_run, prune=opt.prune, prune_max=opt.prune_max,
+                           source_rejected_rows=len(summary.row_rejects), concurrency=opt.concurrency)
+
+
 def _dry_run(client: FhirClient, resources: Iterable[Resource], mapping: MappingSpec, version: FhirVersion,
-             case_rows: dict[str, int], summary: PushSummary, run: RunReport) -> None:
+             case_rows: dict[str, int], opt: PushOptions, server: ServerSettings, summary: PushSummary,
+             run: RunReport) -> None:
+    """The push's own decisions (reads only): create/update/unchanged/conflict, retractions."""
+    from ruxo_fhir.sync.ledger import Ledger
     from ruxo_fhir.sync.plan import plan_push
 
-    plan = summary.plan = plan_push(client, resources, mapping, version, case_rows)
+    with Ledger(opt.ledger_path) as ledger:
+        plan = summary.plan = plan_push(client, resources, mapping, version, case_rows,
+                                        options=_sync_options(opt, server, version, summary), ledger=ledger)
     t = plan.totals
-    run.counts.update(create=t["create"], update=t["update"], unchanged=t["unchanged"], problems=len(plan.problems))
+    run.counts.update(create=t["create"], update=t["update"], unchanged=t["unchanged"], conflict=t["conflict"],
+                      problems=len(plan.problems), retractable=len(plan.retractable))
 
 
 def _push(client: FhirClient, resources: Iterable[Resource], mapping: MappingSpec, version: FhirVersion,
           case_rows: dict[str, int], opt: PushOptions, server: ServerSettings, summary: PushSummary,
           run: RunReport, source: Path) -> None:
     from ruxo_fhir.sync.ledger import Ledger
-    from ruxo_fhir.sync.push import PushOptions as SyncPushOptions
     from ruxo_fhir.sync.push import push as sync_push
+    from ruxo_fhir.sync.push import write_push_rejects
 
-    options = SyncPushOptions(batch_size=opt.batch_size or server.batch_size or 200,
-                                    mode=opt.mode or "transaction", mode_explicit=opt.mode is not None,
-                                    version=version, use_ledger=opt.use_ledger, concurrency=opt.concurrency)
+    options = _sync_options(opt, server, version, summary)
     progress = None
     if opt.on_progress is not None:  # a total for every input kind: a list, a Bundle, an ndjson folder
         from ruxo_fhir.progress import count_items
@@ -351,11 +377,14 @@ def _push(client: FhirClient, resources: Iterable[Resource], mapping: MappingSpe
     with (contextlib.nullcontext() if not opt.use_ledger else Ledger(opt.ledger_path)) as ledger:
         result = summary.result = sync_push(client, resources, mapping, options, ledger=ledger,
                                                  on_progress=progress, case_rows=case_rows)
+    if result.rejects:
+        summary.rejects_file = write_push_rejects(opt.rejects or summary.default_rejects, result.rejects)
     run.counts.update(created=result.created, updated=result.updated, unchanged=result.unchanged,
-                      rejected=result.rejected, total=result.total, requests=client.request_count,
-                      rows_rejected=len(summary.row_rejects))
+                      conflict=result.conflict, rejected=result.rejected, total=result.total,
+                      requests=client.request_count, rows_rejected=len(summary.row_rejects),
+                      retracted=result.retracted, retractable=len(result.retractable))
     run.warnings.extend(result.notices)
-    run.errors.extend(result.errors)
+    run.errors.extend(result.errors + [f"conflict: {c}" for c in result.conflicts])
 
 
 def _progress(on_progress: OnProgress | None, total: int | None) -> Callable[[int], None] | None:
@@ -588,6 +617,7 @@ def _write_back(summary: OutcomesSummary, client: FhirClient | None, mapping: Ma
 @dataclass
 class CheckOptions:
     fhir_version: str | None = None  # given: beats the profile's fhir_version; neither: R4
+    mapping: MappingLike = None  # its identifier systems: warned about when still the shipped examples
 
 
 @dataclass
@@ -632,7 +662,7 @@ def check(server: ServerSettings, options: CheckOptions | None = None) -> CheckS
             left = client.auth.expires_in()
             token_info = f"SMART token obtained from {client.auth.token_endpoint}" + (
                 f" (expires in {left:.0f} s)" if left is not None else "")
-        summary.lines = check_server(client, version, token_info)
+        summary.lines = check_server(client, version, token_info, mapping=_mapping(opt.mapping))
     finally:
         client.close()
     return summary

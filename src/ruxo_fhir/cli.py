@@ -362,12 +362,26 @@ class Progress:
 @click.option("--no-ledger", is_flag=True, help="Do not consult or update the local push ledger.")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Bundles in flight at once (raise it for a remote server that is slow per request).")
+@click.option("--ids", type=click.Choice(["client", "server", "auto"]), default="auto", show_default=True,
+              help="client: PUT at ids derived from identifiers; server: the server assigns ids, resources "
+                   "are written by identifier; auto: server when the server refuses client ids.")
+@click.option("--on-conflict", type=click.Choice(["skip", "overwrite"]), default="skip", show_default=True,
+              help="A server copy changed by someone else: skip it (reported) or overwrite it.")
+@click.option("--prune", is_flag=True,
+              help="Retract cohort resources on the server that the source no longer produces "
+                   "(entered-in-error, or deleted where a type has no such status; Patients never).")
+@click.option("--prune-max", type=click.FloatRange(0, 100), default=20.0, show_default=True, metavar="PERCENT",
+              help="Refuse a prune that would retract more than this share of the cohort.")
+@click.option("--rejects", "rejects_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV of rejected cases (case_id, row, error); default <input stem>.push-rejects.csv "
+                   "beside the input, written only when a case is rejected.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a JSON run report.")
 @click.pass_obj
 @handles_errors
 def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, fhir_version: str | None,
-             mapping_path: Path | None, dry_run: bool, no_ledger: bool, concurrency: int, report_path: Path | None,
+             mapping_path: Path | None, dry_run: bool, no_ledger: bool, concurrency: int, ids: str, on_conflict: str,
+             prune: bool, prune_max: float, rejects_path: Path | None, report_path: Path | None,
              **kwargs: Any) -> None:
     """Push a Bundle, an ndjson folder or a case CSV to a FHIR server, idempotently.
 
@@ -385,7 +399,8 @@ def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, 
     progress = Progress(obj, "pushed")
     options = api.PushOptions(batch_size=batch_size, mode=mode, fhir_version=fhir_version, mapping=mapping_path,
                               dry_run=dry_run, use_ledger=not no_ledger, report=report_path, on_progress=progress,
-                              concurrency=concurrency)
+                              concurrency=concurrency, ids=ids, on_conflict=on_conflict, prune=prune, prune_max=prune_max,
+                              rejects=rejects_path)
     try:
         summary = api.push(file, settings, options)
     finally:
@@ -407,20 +422,37 @@ def render_plan(summary: api.PushSummary, obj: Ctx) -> None:
     click.echo(f"plan for {summary.server} (nothing written; validation: {plan.validated_with}):")
     for kind in sorted(plan.by_type):
         c = plan.by_type[kind]
-        click.echo(f"  {kind:<20} create {c['create']:>6}  update {c['update']:>6}  unchanged {c['unchanged']:>6}")
+        click.echo(f"  {kind:<20} create {c['create']:>6}  update {c['update']:>6}  unchanged {c['unchanged']:>6}"
+                   f"  conflict {c['conflict']:>6}")
+    for line in plan.conflicts:
+        click.echo(f"  conflict: {line}")
+    if summary.prune:
+        for line in plan.retractable:
+            click.echo(f"  would retract: {line}")
+        if plan.prune_refused:
+            click.echo(f"  {plan.prune_refused}")
     for problem in plan.problems:
         click.echo(f"  problem: {problem}")
     t = plan.totals
     tell(f"would create {t['create']}, update {t['update']}, leave {t['unchanged']} unchanged; "
-               f"{len(plan.problems)} problem(s)")
+         f"{t['conflict']} conflict(s); {len(plan.problems)} problem(s)")
 
 
 def render_push(summary: api.PushSummary, obj: Ctx) -> None:
     result = summary.result
     assert result is not None
+    for line in result.conflicts:
+        say(f"conflict: {line}", obj)
     for line in result.errors:
         say(f"rejected: {line}", obj)
-    say(f"mode {result.mode}, {result.bundles_sent} bundle(s), {summary.requests} request(s)", obj)
+    if result.prune_refused:
+        say(result.prune_refused, obj)
+    elif summary.prune:
+        say(f"retracted {result.retracted} of {len(result.retractable)} cohort resource(s) no longer in the "
+            f"source (of {result.cohort_on_server} on the server)", obj)
+    if summary.rejects_file is not None:
+        say(f"rejected cases written to {summary.rejects_file}", obj)
+    say(f"mode {result.mode}, {result.bundles_sent} bundle(s), {summary.requests} request(s), {result.ids} ids", obj)
     tell(result.summary_line)
 
 
@@ -541,9 +573,10 @@ def render_outcomes(summary: api.OutcomesSummary, obj: Ctx) -> None:
 @cli.command("check")
 @server_options
 @version_option
+@mapping_option
 @click.pass_obj
 @handles_errors
-def check_cmd(obj: Ctx, /, fhir_version: str | None, **kwargs: Any) -> None:
+def check_cmd(obj: Ctx, /, fhir_version: str | None, mapping_path: Path | None, **kwargs: Any) -> None:
     """Say whether a server will work: reachable, TLS, FHIR version, auth, capabilities.
 
     Exit 0 when everything push and pull need is there, 5 when something needed is missing,
@@ -554,7 +587,7 @@ def check_cmd(obj: Ctx, /, fhir_version: str | None, **kwargs: Any) -> None:
       ruxo-fhir check --server http://localhost:8080/fhir
       ruxo-fhir check --profile sandbox
     """
-    summary = api.check(need_server(kwargs), api.CheckOptions(fhir_version=fhir_version))
+    summary = api.check(need_server(kwargs), api.CheckOptions(fhir_version=fhir_version, mapping=mapping_path))
     if summary.auth_failure is not None:
         click.echo(f"  [FAIL] auth: {summary.auth_failure}")
         sys.exit(summary.exit_code)

@@ -200,6 +200,21 @@ class MappingSpec(_Model):
             return self.patients.match_system
         return self.identifier_systems.patient
 
+    def example_identifier_systems(self) -> list[str]:
+        """Identifier systems still on a `*.example` host (the shipped ones): every site that
+        keeps them names its resources the same way, so they collide on a shared server."""
+        from urllib.parse import urlsplit
+
+        systems = [self.identifier_systems.case, self.identifier_systems.patient,
+                   self.identifier_systems.resource, *([self.patients.match_system] if self.patients.linked
+                                                       and self.patients.match_system else [])]
+        out = []
+        for system in systems:
+            host = (urlsplit(system).hostname or "").lower()
+            if (host == "example" or host.endswith(".example")) and system not in out:
+                out.append(system)
+        return out
+
     def system_uri(self, name: str, *, where: str = "") -> str:
         """Resolve a short system name (`snomed`, `project:outcome`) or pass a URI through."""
         if "://" in name or name.startswith("urn:"):

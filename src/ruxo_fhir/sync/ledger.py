@@ -62,6 +62,15 @@ class Pushed(NamedTuple):
     last_updated: str | None  # the server's meta.lastUpdated of that version, as it wrote it
 
 
+class Written(NamedTuple):
+    """What this workstation last wrote for one identity on one server."""
+
+    hash: str
+    server_id: str | None
+    version_id: str | None
+    last_updated: str | None
+
+
 class Ledger:
     """sqlite (stdlib) table keyed by (server base URL, Type/id)."""
 
@@ -92,6 +101,43 @@ class Ledger:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(pushed)")}
             if "last_updated" not in columns:  # a ledger from an older version: its rows never skip
                 self._db.execute("ALTER TABLE pushed ADD COLUMN last_updated TEXT")
+            # Per server and identity (Type|system|value, never a server id): what was last written,
+            # the id the server holds it under and the version (+ lastUpdated) it reported.
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS written (server TEXT NOT NULL, identity TEXT NOT NULL, "
+                "hash TEXT NOT NULL, server_id TEXT, version_id TEXT, last_updated TEXT, "
+                "PRIMARY KEY (server, identity))"
+            )
+            self._db.commit()
+
+    def written(self, server: str, identities: Iterable[str]) -> dict[str, Written]:
+        """{identity: Written(hash, server id, versionId, lastUpdated)} for the identities known."""
+        out: dict[str, Written] = {}
+        keys = list(identities)
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                part = keys[i:i + 500]
+                marks = ",".join("?" * len(part))
+                rows = self._db.execute(
+                    f"SELECT identity, hash, server_id, version_id, last_updated FROM written WHERE server = ? "
+                    f"AND identity IN ({marks})", [server_key(server), *part])
+                for ident, digest, sid, version, last_updated in rows:
+                    out[ident] = Written(digest, sid, version, last_updated)
+        return out
+
+    def record_written(self, server: str, rows: Iterable[tuple[str, Written]]) -> None:
+        """Store (identity, Written) after the server confirmed a write (one commit)."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO written (server, identity, hash, server_id, version_id, last_updated) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(server_key(server), i, w.hash, w.server_id, w.version_id, w.last_updated) for i, w in rows])
+            self._db.commit()
+
+    def forget_written(self, server: str, identities: Iterable[str]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM written WHERE server = ? AND identity = ?",
+                                 [(server_key(server), i) for i in identities])
             self._db.commit()
 
     @contextlib.contextmanager

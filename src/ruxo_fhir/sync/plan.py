@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ruxo_fhir.errors import RuxoError, ServerError
@@ -13,13 +13,11 @@ from ruxo_fhir.resource import Resource
 from ruxo_fhir.sync.capabilities import (
     WRITTEN_TYPES,
     Capabilities,
-    DataVersionGuard,
     check_version,
-    preflight_types,
     server_interactions,
 )
-from ruxo_fhir.sync.ledger import content_hash
-from ruxo_fhir.sync.push import case_of
+from ruxo_fhir.sync.ledger import Ledger
+from ruxo_fhir.sync.push import Pusher, PushOptions, case_of, shared_systems_warning
 
 
 class Client(Protocol):
@@ -39,6 +37,9 @@ class Client(Protocol):
 class PushPlan:
     by_type: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     problems: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    retractable: list[str] = field(default_factory=list)
+    prune_refused: str | None = None
     notices: list[str] = field(default_factory=list)
     validated_with: str = "none"
 
@@ -55,52 +56,37 @@ def _server_ops(caps: dict[str, Any]) -> set[str]:
 
 
 def plan_push(client: Client, resources: Iterable[Resource], mapping: MappingSpec, version: FhirVersion,
-              case_rows: dict[str, int] | None = None, chunk: int = 100) -> PushPlan:
-    """Per type: how many would be created, updated or stay unchanged; server-side validation
-    problems via `$validate` where offered. Only GETs and `$validate` POSTs are sent."""
+              case_rows: dict[str, int] | None = None, chunk: int = 100, *,
+              options: PushOptions | None = None, ledger: Ledger | None = None) -> PushPlan:
+    """Per type: how many would be created, updated, stay unchanged or be conflicts -- the
+    push's own decisions, reading the server as push does; server-side validation problems via
+    `$validate` where offered. Only GETs and `$validate` POSTs are sent."""
     plan = PushPlan()
     caps = client.capabilities()
-    warning = check_version(caps, version)
-    if warning:
-        plan.notices.append(warning)
     interactions = server_interactions(caps)
     if interactions and "transaction" not in interactions:
         plan.notices.append("server declares no transaction interaction: push would switch to batch mode")
     can_validate = "validate" in _server_ops(caps)
     plan.validated_with = "$validate" if can_validate else "local models only (server offers no $validate)"
     rows = case_rows or {}
-    buffer: list[Resource] = []
-    declared = Capabilities.read(caps)
-    guard = DataVersionGuard(declared.fhir_version)  # push would refuse: so does its plan
+    opts = replace(options or PushOptions(version=version), dry_run=True, version=version)
 
-    def flush() -> None:
-        by_kind: dict[str, list[Resource]] = defaultdict(list)
-        for r in buffer:
-            by_kind[r["resourceType"]].append(r)
-        preflight_types(declared, by_kind)
-        for kind, items in by_kind.items():
-            ids = [r["id"] for r in items]
-            found = {f.get("id"): f for f in client.search(kind, {"_id": ",".join(ids), "_count": str(len(ids))})}
-            for r in items:
-                current = found.get(r["id"])
-                if current is None:
-                    outcome = "create"
-                elif content_hash(current) == content_hash(r):
-                    outcome = "unchanged"
-                else:
-                    outcome = "update"
-                plan.by_type[kind][outcome] += 1
-                if can_validate and outcome != "unchanged":
-                    _validate_remote(client, r, mapping, rows, plan)
-        buffer.clear()
+    def decided(res: Resource, action: str) -> None:
+        if can_validate and action in ("create", "update"):
+            _validate_remote(client, res, mapping, rows, plan)
 
-    for res in resources:
-        guard.check(res)
-        buffer.append(res)
-        if len(buffer) >= chunk:
-            flush()
-    if buffer:
-        flush()
+    pusher = Pusher(client, mapping, opts, ledger, case_rows=rows, on_decided=decided)  # type: ignore[arg-type]
+    result = pusher.run(resources)
+    names = {"created": "create", "updated": "update", "unchanged": "unchanged", "conflict": "conflict",
+             "rejected": "rejected"}
+    for kind, counts in result.by_type.items():
+        for outcome, n in counts.items():
+            plan.by_type[kind][names.get(outcome, outcome)] += n
+    plan.notices.extend(result.notices)
+    plan.conflicts.extend(result.conflicts)
+    plan.retractable.extend(result.retractable)
+    plan.prune_refused = result.prune_refused
+    plan.problems.extend(result.errors)
     return plan
 
 
@@ -136,9 +122,13 @@ class CheckLine:
     needed: bool = True
 
 
-def check_server(client: Client, version: FhirVersion, token_info: str | None = None) -> list[CheckLine]:
+def check_server(client: Client, version: FhirVersion, token_info: str | None = None,
+                 mapping: MappingSpec | None = None) -> list[CheckLine]:
     """One line per thing push/pull need; `ok=False and needed` means it will not work."""
     out: list[CheckLine] = []
+    shared = shared_systems_warning(mapping, client.base_url) if mapping is not None else None
+    if shared:
+        out.append(CheckLine("identifier systems", False, shared, needed=False))
     try:
         caps = client.capabilities()
     except ServerError as exc:

@@ -1,5 +1,15 @@
 """Push: send resources to a FHIR server in reference-safe chunks, idempotently.
 
+Every resource is named by its identifier (sync/identity.py). Before writing, push reads the
+server's copies (batched searches) and decides per resource: create, update (with If-Match on
+the version it just read), unchanged, or conflict (someone else changed it: never
+overwritten unless asked). Two id strategies over that one identity:
+
+- client ids (`PUT Type/id` at an id derived from the identifier), where the server allows
+  update-as-create;
+- server ids (`POST` with `ifNoneExist: identifier=...`, conditional `PUT Type?identifier=...`,
+  `urn:uuid` references inside a transaction), where it does not, as most EHRs.
+
 Why PUT with stable ids (not conditional create): the ids are derived from identifiers, so
 a PUT is idempotent by construction — a lost reply, a retry or a rerun writes the same
 resource at the same id and can never create a duplicate, in transaction and batch mode
@@ -9,26 +19,61 @@ under concurrent retries (two creates racing past `If-None-Exist`).
 """
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import queue
+import re
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ruxo_fhir.bundle import make_bundle, put_entry
-from ruxo_fhir.errors import CapabilityError, FatalServerError, ServerError
+from ruxo_fhir.errors import (
+    CapabilityError,
+    FatalServerError,
+    ServerError,
+    TemporaryServerError,
+)
 from ruxo_fhir.fhir_version import FhirVersion
-from ruxo_fhir.mapping.reverse import identifier_value, identifiers
+from ruxo_fhir.mapping.reverse import (
+    conditional_identifier,
+    identifier_value,
+    identifiers,
+)
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.resource import Resource
-from ruxo_fhir.sync.capabilities import Capabilities, DataVersionGuard, preflight_types
-from ruxo_fhir.sync.capabilities import check_version as check_version  # re-exported (was defined here)
+from ruxo_fhir.sync.capabilities import (
+    WRITTEN_TYPES,
+    Capabilities,
+    DataVersionGuard,
+    preflight_types,
+)
+from ruxo_fhir.sync.capabilities import (
+    check_version as check_version,  # re-exported (was defined here)
+)
 from ruxo_fhir.sync.capabilities import server_interactions as server_interactions
-from ruxo_fhir.sync.ledger import Ledger, Pushed, content_hash
+from ruxo_fhir.sync.identity import (
+    REFERENCED_TYPES,
+    Identity,
+    ServerCopy,
+    as_written,
+    find_by_id,
+    find_by_identifier,
+    find_by_subject,
+    identity_of,
+    local_key,
+    references,
+    rewrite_references,
+    same_content,
+    what_differs,
+)
+from ruxo_fhir.sync.ledger import Ledger, Written, content_hash
 from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
 
 if TYPE_CHECKING:
@@ -87,6 +132,13 @@ class PushOptions:
     use_ledger: bool = True
     batch_entry_retries: int = 5
     sleep: Callable[[float], None] = time.sleep
+    ids: str = "auto"  # client | server | auto (server when the server refuses client ids)
+    on_conflict: str = "skip"  # skip | overwrite: a server copy someone else changed
+    dry_run: bool = False  # read and decide, write nothing
+    prune: bool = False  # retract cohort resources the source no longer produces
+    prune_max: float = 20.0  # percent of the cohort a prune may retract
+    check_retractions: bool = True  # count them even without prune (a full cohort read)
+    source_rejected_rows: int = 0  # rows of the source that were rejected: prune refuses then
     # Bundles in flight at once. A bundle waits until every bundle holding a resource it
     # references has landed, so servers with referential integrity see what they see with 1.
     concurrency: int = 1
@@ -94,29 +146,50 @@ class PushOptions:
 
 @dataclass
 class PushResult:
-    """Entry counts (created + updated + unchanged + rejected == total) and what was said."""
+    """Entry counts (created + updated + unchanged + conflict + rejected == total) and what was said."""
 
     total: int = 0
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    conflict: int = 0
     rejected: int = 0
     mode: str = "transaction"
+    ids: str = "client"
     batch_size: int = 0
     bundles_sent: int = 0
     version_reads: int = 0  # batched reads after writes whose replies named no version
     notices: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    rejects: list[PushReject] = field(default_factory=list)
+    retractable: list[str] = field(default_factory=list)  # lines: what the source no longer produces
+    retracted: int = 0
+    cohort_on_server: int = 0
+    prune_refused: str | None = None
     by_type: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
     def count(self, resource_type: str, outcome: str, n: int = 1) -> None:
         setattr(self, outcome, getattr(self, outcome) + n)
         self.by_type[resource_type][outcome] += n
 
+    _COUNTED = ("total", "created", "updated", "unchanged", "conflict", "rejected")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in self._COUNTED},
+                "errors": list(self.errors), "conflicts": list(self.conflicts), "rejects": list(self.rejects),
+                "by_type": {k: Counter(v) for k, v in self.by_type.items()}}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        for k in self._COUNTED:
+            setattr(self, k, saved[k])
+        self.errors, self.conflicts, self.rejects = saved["errors"], saved["conflicts"], saved["rejects"]
+        self.by_type = defaultdict(Counter, saved["by_type"])
+
     @property
     def summary_line(self) -> str:
         return (f"created {self.created}, updated {self.updated}, unchanged {self.unchanged}, "
-                f"rejected {self.rejected}, total {self.total}")
+                f"conflict {self.conflict}, rejected {self.rejected}, total {self.total}")
 
 
 # --- grouping and chunking --------------------------------------------------------------
@@ -254,18 +327,92 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 # --- the pusher -------------------------------------------------------------------------
 
-def _by_type(keys: Iterable[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for key in keys:
-        kind, rid = key.split("/", 1)
-        out[kind].append(rid)
-    return out
-
-
 def _outcome_lines(outcome: dict[str, Any] | None) -> list[str]:
     from ruxo_fhir.transport.outcome import summarize_outcome
 
     return summarize_outcome(outcome) if outcome else []
+
+
+def _server_id_of(response: dict[str, Any], kind: str) -> str | None:
+    """The id the server holds a written resource under, from `location` (Type/id[/_history/n])."""
+    location = str(response.get("location") or "").split("?")[0]
+    parts = location.split("/_history/")[0].rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == kind and parts[-1]:
+        return parts[-1]
+    return None
+
+
+# A refusal of a client-assigned id on PUT-create. FHIR R4 (http.html#update) answers 405;
+# HAPI's ClientIdStrategy NOT_ALLOWED answers 404 "HAPI-0959: No resource exists on this server
+# resource with ID[..], and client-assigned IDs are not enabled."; other servers word it their way.
+_CLIENT_IDS_REFUSED = re.compile(r"client[- ]?(assigned|defined|supplied|provided)|HAPI-0959|"
+                                 r"update[- ]?(as[- ]?)?create|upsert", re.I)
+
+
+def refuses_client_ids(status: int | None, text: str) -> bool:
+    return status == 405 or (status in (400, 403, 404, 409, 422) and bool(_CLIENT_IDS_REFUSED.search(text)))
+
+
+class _ClientIdsRefused(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def is_loopback(base_url: str) -> bool:
+    """True for a server on this machine (localhost, 127.0.0.0/8, ::1); names are not resolved."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(base_url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def shared_systems_warning(mapping: MappingSpec, base_url: str) -> str | None:
+    """A warning when the mapping still uses the shipped `*.example` identifier systems against
+    a server that is not on loopback: another site with the same systems and case ids would
+    name the same resources (team B's "C01" replacing team A's)."""
+    systems = mapping.example_identifier_systems()
+    if not systems or is_loopback(base_url):
+        return None
+    return (f"the mapping still uses the shipped example identifier systems ({', '.join(systems)}); on a "
+            "shared server they collide with every other site that kept them: give identifier_systems "
+            "your own site's URIs (mappings/README.md)")
+
+
+def update_create_refused(caps: Capabilities, types: Iterable[str]) -> list[str]:
+    """Types whose CapabilityStatement entry says `updateCreate: false` (no client ids)."""
+    return sorted(t for t in set(types) if t in caps.resources and caps.resources[t].update_create is False)
+
+
+def identifier_searchable(caps: Capabilities) -> dict[str, bool]:
+    """Per declared type: can it be searched by `identifier`? (R4 AdverseEvent cannot.)
+    Types whose entry lists no search parameters at all are assumed searchable."""
+    return {t: not r.search_params or "identifier" in r.search_params for t, r in caps.resources.items()}
+
+
+@dataclass
+class Decision:
+    """What push does with one resource: create | update | unchanged | conflict | linked."""
+
+    action: str
+    ident: Identity
+    server_id: str | None = None
+    version: str | None = None  # If-Match for an update
+    note: str = ""
+    last_updated: str | None = None
+
+
+@dataclass
+class PushReject:
+    case_id: str | None
+    row: int | None
+    reason: str
 
 
 class _Flight:
@@ -364,14 +511,30 @@ class Pusher:
 
     def __init__(self, client: Client, mapping: MappingSpec, options: PushOptions,
                  ledger: Ledger | None = None, on_progress: Callable[[int], None] | None = None,
-                 case_rows: dict[str, int] | None = None) -> None:
+                 case_rows: dict[str, int] | None = None,
+                 on_decided: Callable[[Resource, str], None] | None = None) -> None:
         self.client = client
         self.mapping = mapping
         self.opt = options
         self.ledger = ledger if options.use_ledger else None
         self.on_progress = on_progress or (lambda n: None)
+        self.on_decided = on_decided
         self.case_rows = case_rows or {}
         self.result = PushResult(mode=options.mode, batch_size=options.batch_size)
+        self.ids = "client" if options.ids == "client" else "server" if options.ids == "server" else "client"
+        self.server = client.base_url
+        # derived local key (Type/id) -> server reference (Type/server-id), for referenced types
+        self.sids: dict[str, str] = {}
+        # link mode: conditional reference -> the EHR's Patient (Type/id)
+        self.links: dict[str, str] = {}
+        self.decisions: dict[str, Decision] = {}
+        self.group_rejects: dict[int, str] = {}
+        self.searchable: dict[str, bool] = {}  # per type: can it be searched by identifier?
+        self.search_declared: dict[str, bool] = {}  # per type: is search-type declared at all?
+        self._sent: dict[str, Resource] = {}  # bodies in flight (a read-back compares with them)
+        # every identity and case the source produces (what a prune must keep)
+        self.produced: set[str] = set()
+        self.cases: set[str] = set()
         self._validator: Validator | None = None
         # Bookkeeping (counts, notices, ledger, chunk size, mode) is shared by the sending
         # threads of `concurrency > 1`; it changes only under this lock.
@@ -387,7 +550,6 @@ class Pusher:
         self.caps = Capabilities.read(statement)
         self.version_guard = DataVersionGuard(self.caps.fhir_version)
         self.checked_types: set[str] = set()
-        self.searchable: dict[str, bool] = {}
         interactions = set(self.caps.system_interactions)
         if self.opt.mode == "transaction" and interactions and "transaction" not in interactions:
             if "batch" not in interactions:
@@ -395,11 +557,21 @@ class Pusher:
             if self.opt.mode_explicit:
                 raise CapabilityError("server does not support transactions; use --mode batch")
             self._switch_to_batch("server declares batch but not transaction")
+        self.searchable = identifier_searchable(self.caps)
+        shared = shared_systems_warning(self.mapping, self.server)
+        if shared:
+            self._notice(shared)
+        if self.opt.ids == "auto":
+            refused = update_create_refused(self.caps, WRITTEN_TYPES)
+            if refused:
+                self._use_server_ids(f"the CapabilityStatement says updateCreate false ({', '.join(refused)})")
+        self.result.ids = self.ids
         try:
             if self.opt.concurrency > 1:
                 with _Flight(self.opt.concurrency) as self._flight:
                     self._push_all(resources)
                     self._flight.finish()
+                self._flight = None
             else:
                 self._push_all(resources)
         except CapabilityError as exc:  # the data or a type this server cannot take: say what landed
@@ -407,11 +579,13 @@ class Pusher:
             raise CapabilityError(f"{exc.reason}; " + (f"{written} entries were written or confirmed before this, "
                                   "the rest not" if self.result.bundles_sent else "nothing was written"),
                                   status=exc.status, issues=exc.issues, url=exc.url, outcome=exc.outcome) from None
+        if self.opt.prune or self.opt.check_retractions:
+            self._retractions()
         return self.result
 
     def _push_all(self, resources: Iterable[Resource]) -> None:
-        # The ledger check reads versions for a window of several chunks at once (fewer,
-        # fuller `_id` searches on a re-push); memory stays bounded by the window.
+        # Server copies are read for a window of several chunks at once (fewer, fuller
+        # searches); memory stays bounded by the window.
         window: list[list[Group]] = []
         hashes: dict[str, str] = {}
         chunks = chunk_groups(group_resources(resources, self.mapping), self.result.batch_size)
@@ -424,6 +598,57 @@ class Pusher:
         if window:
             self._push_window(window, hashes)
 
+    def _retractions(self) -> None:
+        """Cohort resources on the server the source no longer produces: counted, listed
+        (dry run) or retracted (`prune`), behind the guard."""
+        from ruxo_fhir.sync.prune import find_retractable, retract
+
+        blind = [k for k in WRITTEN_TYPES if k in self.caps.resources and not self._can_search(k)]
+        if blind:  # the cohort cannot be read back: nothing to count, nothing retracted on guesswork
+            if self.opt.prune:
+                self.result.prune_refused = (f"--prune refused: the server declares no search for "
+                                             f"{', '.join(blind)}, so the cohort on it cannot be read")
+            return
+        found = find_retractable(self.client, self.mapping, self.produced, self.cases)  # type: ignore[arg-type]
+        self.result.cohort_on_server = found.cohort
+        self.result.retractable = [r.line() for r in found.found]
+        n = len(found.found)
+        if not n:
+            return
+        if not self.opt.prune:
+            self._notice(f"{n} cohort resource(s) on the server are no longer produced by the source "
+                         "(removed cases); push --prune retracts them (--dry-run --prune lists them)")
+            return
+        if self.opt.source_rejected_rows:
+            self.result.prune_refused = (
+                f"--prune refused: the source has {self.opt.source_rejected_rows} rejected row(s), and a "
+                "rejected row is not a removed case; fix those rows first")
+        elif found.percent > self.opt.prune_max:
+            self.result.prune_refused = (
+                f"--prune refused: it would retract {n} of {found.cohort} cohort resources "
+                f"({found.percent:.1f} % > {self.opt.prune_max:g} %); a wrong or partial source must not "
+                "wipe a registry: check the input, or pass --prune-max PERCENT")
+        if self.result.prune_refused or self.opt.dry_run:
+            return
+        retract(self.client, found.found, found, self.ledger)  # type: ignore[arg-type]
+        self.result.retracted = found.retracted
+        self.result.errors.extend(found.errors)
+
+    def _preflight(self, types: set[str]) -> None:
+        """The capability pre-flight, before the first write of each type (for the id strategy
+        in use; link mode writes no Patient)."""
+        new_types = types - self.checked_types
+        if self.mapping.patients.mode == "link":
+            new_types.discard("Patient")
+        if new_types:
+            preflight_types(self.caps, new_types, self.ids)
+            self.checked_types |= new_types
+
+    def _use_server_ids(self, why: str) -> None:
+        self.ids = "server"
+        self.result.ids = "server"
+        self._notice(f"using server-assigned ids (--ids server): {why}; resources are written by identifier")
+
     def _hashed(self, chunks: Iterable[list[Group]]) -> Iterator[tuple[list[Group], dict[str, str]]]:
         """Content hashes are computed in the prefetch thread, off the sending path; so is the
         data's FHIR version check (before the window holding a resource is written)."""
@@ -435,13 +660,23 @@ class Pusher:
             yield chunk, {self._key(r): content_hash(r) for g in chunk for r in g.resources}
 
     def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
-        new_types = {key.split("/", 1)[0] for key in hashes} - self.checked_types
-        if new_types:  # the capability pre-flight, before the first write of each type
-            preflight_types(self.caps, new_types)
-            self.checked_types |= new_types
-        unchanged = self._unchanged(hashes)
-        for chunk in window:
-            self._push_chunk(chunk, hashes, unchanged)
+        self._preflight({key.split("/", 1)[0] for key in hashes})
+        saved = self.result.snapshot()
+        try:
+            self._decide([g for chunk in window for g in chunk])
+            for chunk in window:
+                self._push_chunk(chunk, hashes)
+        except _ClientIdsRefused as exc:
+            if self.opt.ids != "auto" or self.ids == "server":
+                raise ServerError(f"the server refuses client-assigned ids ({exc.detail}); "
+                                  "use --ids server (or auto)") from None
+            self.result.restore(saved)
+            self._use_server_ids(f"the server refused a client-assigned id ({exc.detail})")
+            self.checked_types.clear()
+            self._preflight({key.split("/", 1)[0] for key in hashes})
+            self._decide([g for chunk in window for g in chunk])
+            for chunk in window:
+                self._push_chunk(chunk, hashes)
 
     def _notice(self, text: str) -> None:
         log.warning(text)
@@ -455,20 +690,179 @@ class Pusher:
             self.result.mode = "batch"
             self._notice(f"switching to batch mode: {why}")
 
+    # -- deciding ------------------------------------------------------------------------
+    def _identity(self, res: Resource) -> Identity:
+        ident = identity_of(res, self.mapping)
+        if ident is None:  # not one of ours: named by its id (client ids only)
+            ident = Identity(str(res["resourceType"]), "", str(res.get("id")))
+        return ident
+
+    def _can_search(self, kind: str) -> bool:
+        """Whether the statement allows the search that finds the server's copies of a type; when
+        it does not, that type is always sent (once said), never skipped on trust."""
+        if kind not in self.search_declared:
+            missing = self.caps.missing_interactions(kind, ("search-type",))
+            self.search_declared[kind] = not missing
+            if missing:
+                self._notice(f"the server declares no search for {kind}: its resources are sent on every "
+                             "push (push cannot check the server's copy)")
+        return self.search_declared[kind]
+
+    def _by_identifier(self, res: Resource) -> bool:
+        """Server copies are found by identifier (server ids, or a Patient in link modes)."""
+        return self.ids == "server" or (res["resourceType"] == "Patient" and self.mapping.patients.linked)
+
+    def _decide(self, groups: list[Group]) -> None:
+        """Read the server's copies of every resource of these groups (batched searches) and
+        decide for each: create, update (If-Match), unchanged, conflict, or reject its case."""
+        self.decisions.clear()
+        self.group_rejects.clear()
+        resources = [r for g in groups for r in g.resources]
+        self._resolve_links(groups)
+        idents = {self._key(r): self._identity(r) for r in resources}
+        if self.opt.prune or self.opt.check_retractions:
+            self.produced.update(i.key for i in idents.values())
+            self.cases.update(g.case_id for g in groups if g.case_id)
+        for r in resources:
+            if self.ids == "server" and not idents[self._key(r)].system:
+                self._reject_in(groups, r, f"{self._key(r)} carries no identifier of the mapping's systems; "
+                                "server-assigned ids need one")
+        found: dict[Identity, list[ServerCopy]] = {}
+        blind = [r for r in resources if not self._can_search(r["resourceType"])]
+        for r in blind:  # sent every time: PUT at its id, or a conditional create the server resolves
+            self._decided(r, Decision("update" if self.ids == "client" else "create", idents[self._key(r)]))
+        resources = [r for r in resources if self._can_search(r["resourceType"])]
+        patients = [r for r in resources if r["resourceType"] == "Patient"]
+        others = [r for r in resources if r["resourceType"] != "Patient"]
+        for batch in (patients, others):
+            by_ident = [idents[self._key(r)] for r in batch if self._by_identifier(r)
+                        and self.searchable.get(r["resourceType"], True)]
+            found.update(find_by_identifier(self.client, by_ident) if by_ident else {})
+            by_subject = [r for r in batch if self._by_identifier(r) and not self.searchable.get(r["resourceType"], True)]
+            if by_subject:
+                kinds = {r["resourceType"] for r in by_subject}
+                for kind in sorted(kinds):
+                    subjects = [s for r in by_subject if r["resourceType"] == kind
+                                for s in [self._resolve(r.get("subject", {}).get("reference", ""))] if s]
+                    found.update(find_by_subject(self.client, kind, subjects,
+                                                 [idents[self._key(r)] for r in by_subject if r["resourceType"] == kind]))
+            by_id = {self._key(r): idents[self._key(r)] for r in batch if not self._by_identifier(r)}
+            if by_id:
+                found.update(find_by_id(self.client, by_id))
+            written = self.ledger.written(self.server, [i.key for i in idents.values()]) if self.ledger else {}
+            for r in batch:
+                self._decide_one(r, idents[self._key(r)], found.get(idents[self._key(r)], []), written, groups)
+
+    def _decide_one(self, res: Resource, ident: Identity, copies: list[ServerCopy],
+                    written: dict[str, Written], groups: list[Group]) -> None:
+        key = self._key(res)
+        kind = res["resourceType"]
+        if len(copies) > 1:
+            self._reject_in(groups, res, f"{len(copies)} {kind} resources on the server carry identifier "
+                            f"{ident.token}; never a guess: merge or retract the duplicates on the server first")
+            return
+        copy = copies[0] if copies else None
+        if copy is not None and kind in REFERENCED_TYPES:
+            self.sids[key] = f"{kind}/{copy.id}"
+        if kind == "Patient" and self.mapping.patients.linked:
+            # the EHR's Patient: referenced, never changed; link-or-create creates a missing one
+            self._decided(res, Decision("linked", ident, copy.id) if copy else Decision("create", ident))
+            return
+        if copy is None:
+            self._decided(res, Decision("create", ident))
+            return
+        ours = as_written(res, copy.id, self._resolve)
+        if same_content(ours, copy.body):
+            self._decided(res, Decision("unchanged", ident, copy.id, copy.version, last_updated=copy.last_updated))
+            return
+        last = written.get(ident.key)
+        # our own last write, untouched since: same server id, version AND lastUpdated (serial
+        # version ids start again at 1 on a reset server someone else refilled)
+        ours_last = last is not None and last.version_id is not None and last.version_id == copy.version \
+            and last.server_id in (None, copy.id) \
+            and (last.last_updated is None or same_instant(last.last_updated, copy.last_updated))
+        if ours_last or self.opt.on_conflict == "overwrite":
+            self._decided(res, Decision("update", ident, copy.id, copy.version))
+            return
+        why = ("changed on the server since this workstation last wrote it" if last is not None
+               else "already on the server with other content (another team, workstation or an EHR edit)")
+        self._decided(res, Decision("conflict", ident, copy.id, copy.version,
+                                    f"{why}; differs in {what_differs(ours, copy.body)}"))
+
+    def _decided(self, res: Resource, decision: Decision) -> None:
+        self.decisions[self._key(res)] = decision
+
+    def _reject_in(self, groups: list[Group], res: Resource, reason: str) -> None:
+        for g in groups:
+            if any(r is res for r in g.resources):
+                self.group_rejects.setdefault(id(g), reason)
+
+    def _resolve_links(self, groups: list[Group]) -> None:
+        """Link mode: every conditional Patient reference resolved first (batched searches);
+        a case whose Patient is missing or found more than once is rejected."""
+        wanted: dict[str, Identity] = {}
+        for g in groups:
+            for r in g.resources:
+                for ref in references(r):
+                    linked = conditional_identifier(ref)
+                    if linked and ref not in self.links:
+                        wanted[ref] = Identity(*linked)
+        if not wanted:
+            return
+        found = find_by_identifier(self.client, wanted.values())
+        missing: dict[str, str] = {}
+        for ref, ident in wanted.items():
+            copies = found.get(ident, [])
+            if len(copies) == 1:
+                self.links[ref] = f"{ident.kind}/{copies[0].id}"
+            else:
+                missing[ref] = (f"patient {ident.value} not found on the server ({ref})" if not copies else
+                                f"patient {ident.value} found {len(copies)} times on the server ({ref}); "
+                                "never a guess")
+        for g in groups:
+            reason = next((missing[ref] for r in g.resources for ref in references(r) if ref in missing), None)
+            if reason:
+                self.group_rejects.setdefault(id(g), reason)
+
+    def _resolve(self, reference: str, urns: dict[str, str] | None = None) -> str | None:
+        """The reference as the server should read it: link targets, urn:uuid of a create in
+        the same transaction, the server id of a known resource; None leaves it as it is."""
+        if reference in self.links:
+            return self.links[reference]
+        key = local_key(reference)
+        if key is None:
+            return None
+        if urns and key in urns:
+            return urns[key]
+        return self.sids.get(key)
+
     # -- one chunk -----------------------------------------------------------------------
-    def _push_chunk(self, chunk: list[Group], hashes: dict[str, str], unchanged: set[str]) -> None:
+    def _push_chunk(self, chunk: list[Group], hashes: dict[str, str]) -> None:
         self.result.total += sum(len(g.resources) for g in chunk)
         chunk = [g for g in map(self._valid_group, chunk) if g is not None]
-        resources = [r for g in chunk for r in g.resources]
-        for res in resources:
-            if self._key(res) in unchanged:
-                self.result.count(res["resourceType"], "unchanged")
-        todo = [Group(g.case_id, [r for r in g.resources if self._key(r) not in unchanged]) for g in chunk]
-        todo = [g for g in todo if g.resources]
-        skipped = sum(1 for r in resources if self._key(r) in unchanged)
-        if skipped:
-            with self._lock:
-                self.on_progress(skipped)
+        todo: list[Group] = []
+        for g in chunk:
+            reason = self.group_rejects.get(id(g))
+            if reason:
+                self._reject_group(g, [reason], None)
+                continue
+            send = []
+            for res in g.resources:
+                d = self.decisions[self._key(res)]
+                if self.on_decided:
+                    self.on_decided(res, d.action)
+                if d.action in ("unchanged", "linked"):
+                    self.result.count(res["resourceType"], "unchanged")
+                    self._learn(res, d, hashes)
+                    self.on_progress(1)
+                elif d.action == "conflict":
+                    self._conflict(res, g.case_id, d)
+                elif self.opt.dry_run:
+                    self.result.count(res["resourceType"], "created" if d.action == "create" else "updated")
+                else:
+                    send.append(res)
+            if send:
+                todo.append(Group(g.case_id, send))
         if todo:
             if self._flight is not None:
                 self._flight.submit([r for g in todo for r in g.resources], lambda: self._send(todo, hashes))
@@ -506,69 +900,53 @@ class Pusher:
         self.on_progress(len(group.resources))
         return None
 
+
+    def _learn(self, res: Resource, d: Decision, hashes: dict[str, str]) -> None:
+        """An unchanged resource: the ledger learns the server's id and version."""
+        if self.ledger is not None and d.server_id and not self.opt.dry_run and d.action == "unchanged":
+            self.ledger.record_written(self.server, [(d.ident.key, Written(hashes[self._key(res)], d.server_id,
+                                                                           d.version, d.last_updated))])
+
+    def _conflict(self, res: Resource, case_id: str | None, d: Decision) -> None:
+        self.result.count(res["resourceType"], "conflict")
+        where = self._where(case_id)
+        self.result.conflicts.append(
+            f"{where + ', ' if where else ''}{res['resourceType']}/{d.server_id}: {d.note}; not written"
+            + ("" if self.opt.dry_run else " (--on-conflict overwrite replaces it)"))
+        self.on_progress(1)
+
     def _key(self, res: Resource) -> str:
         return f"{res['resourceType']}/{res['id']}"
 
-    def _unchanged(self, hashes: dict[str, str]) -> set[str]:
-        """Keys whose hash matches the ledger AND whose server copy is still the one this ledger
-        wrote: same versionId and same meta.lastUpdated (serial versionIds repeat after a reset)."""
-        if self.ledger is None:
-            return set()
-        known = self.ledger.lookup(self.client.base_url, hashes)
-        candidates = {k: p for k, p in known.items() if p.hash == hashes[k] and p.version_id and p.last_updated}
-        if not candidates:
-            return set()
-        same: set[str] = set()
-        for key, found in self._read_current(candidates, elements="id,meta"):
-            meta = found.get("meta") or {}
-            mine = candidates[key]
-            if mine.version_id == str(meta.get("versionId")) and same_instant(mine.last_updated,
-                                                                                meta.get("lastUpdated")):
-                same.add(key)
-        return same
+    # -- entries -------------------------------------------------------------------------
+    def _entry(self, res: Resource, urns: dict[str, str] | None) -> dict[str, Any]:
+        d = self.decisions[self._key(res)]
+        kind = res["resourceType"]
+        resolve: Callable[[str], str | None] = lambda ref: self._resolve(ref, urns)  # noqa: E731
+        if_match = {"ifMatch": f'W/"{d.version}"'} if d.action == "update" and d.version else {}
+        if self.ids == "client":
+            body = rewrite_references(res, resolve) if self.links else res
+            entry = put_entry(body)
+            entry["request"].update(if_match)
+        elif d.action == "create":
+            request: dict[str, Any] = {"method": "POST", "url": kind}
+            if self.searchable.get(kind, True):
+                request["ifNoneExist"] = d.ident.search
+            entry = {"fullUrl": d.ident.urn(self.server), "resource": as_written(res, None, resolve),
+                     "request": request}
+        else:
+            url = f"{kind}?{d.ident.search}" if self.searchable.get(kind, True) else f"{kind}/{d.server_id}"
+            entry = {"fullUrl": f"{self.server}/{kind}/{d.server_id}",
+                     "resource": as_written(res, d.server_id, resolve),
+                     "request": {"method": "PUT", "url": url, **if_match}}
+        self._sent[self._key(res)] = entry["resource"]
+        return entry
 
-    def _read_current(self, keys: Iterable[str], elements: str | None = None) -> Iterator[tuple[str, Resource]]:
-        """The server's current copies of `keys`, by `_id` searches of up to 100 ids per type."""
-        for kind, ids in _by_type(keys).items():
-            if not self._searchable(kind):
-                continue
-            for i in range(0, len(ids), 100):
-                part = ids[i:i + 100]
-                params = {"_id": ",".join(part), "_count": str(len(part))}
-                if elements:
-                    params["_elements"] = elements
-                for found in self.client.search(kind, params):
-                    if found.get("resourceType") == kind:
-                        yield f"{kind}/{found.get('id')}", found
-
-    def _searchable(self, kind: str) -> bool:
-        """Whether the statement allows the `_id` search the ledger check needs for a type; when
-        it does not, that type is always sent (once said), never skipped on trust."""
-        if kind not in self.searchable:
-            missing = self.caps.missing_interactions(kind, ("search-type",))
-            self.searchable[kind] = not missing
-            if missing:
-                self._notice(f"the server declares no search for {kind}: its resources are sent on every "
-                             "push (the ledger cannot check the server's copy)")
-        return self.searchable[kind]
-
-    def _read_versions(self, keys: list[str], hashes: dict[str, str]) -> list[tuple[str, Pushed]]:
-        """The versions of just-written resources whose replies named none: ONE batched read.
-
-        A copy is recorded only when its content is what we sent, so a write by someone else
-        between our write and this read can never be mistaken for ours.
-        """
-        with self._lock:
-            self.result.version_reads += 1
-        rows = []
-        for key, found in self._read_current(keys):
-            meta = found.get("meta") or {}
-            version, last_updated = meta.get("versionId"), meta.get("lastUpdated")
-            if version and last_updated and content_hash(found) == hashes.get(key):
-                rows.append((key, Pushed(hashes[key], str(version), str(last_updated))))
-            else:
-                log.debug("push: %s read back without a usable version or with other content", key)
-        return rows
+    def _idempotent(self, resources: list[Resource]) -> bool:
+        """A bundle is safe to resend unless it holds a create without ifNoneExist."""
+        return self.ids == "client" or all(
+            self.searchable.get(r["resourceType"], True) or self.decisions[self._key(r)].action != "create"
+            for r in resources)
 
     def _send(self, groups: list[Group], hashes: dict[str, str]) -> None:
         if self.result.mode == "batch":
@@ -581,12 +959,10 @@ class Pusher:
         n = sum(len(g.resources) for g in groups)
         if n <= 1 and len(groups) <= 1:
             return False
-        with self._lock:
-            current = self.result.batch_size
-            new_size = max(1, min(current, n) // 2)
-            if new_size < current:
-                self._notice(f"server refused a bundle of {n} entries ({why}); using chunks of {new_size}")
-            self.result.batch_size = new_size
+        new_size = max(1, min(self.result.batch_size, n) // 2)
+        if new_size < self.result.batch_size:
+            self._notice(f"server refused a bundle of {n} entries ({why}); using chunks of {new_size}")
+        self.result.batch_size = new_size
         for sub in chunk_groups(self._split_groups(groups, new_size), new_size):
             self._send(sub, hashes)
         return True
@@ -603,14 +979,26 @@ class Pusher:
     def _too_big(self, exc: ServerError) -> bool:
         return refused_as_too_big(exc)
 
-    def _send_transaction(self, groups: list[Group], hashes: dict[str, str]) -> None:
+    def _send_transaction(self, groups: list[Group], hashes: dict[str, str], redo: int = 0) -> None:
         resources = [r for g in groups for r in g.resources]
-        bundle = make_bundle([put_entry(r) for r in resources], "transaction")
+        urns = {self._key(r): self.decisions[self._key(r)].ident.urn(self.server) for r in resources
+                if self.ids == "server" and self.decisions[self._key(r)].action == "create"}
+        bundle = make_bundle([self._entry(r, urns) for r in resources], "transaction")
+        idempotent = self._idempotent(resources)
         try:
-            with self._lock:
-                self.result.bundles_sent += 1
-            response = self.client.post_bundle(bundle, idempotent=True)
+            self.result.bundles_sent += 1
+            response = self.client.post_bundle(bundle, idempotent=idempotent)
+        except TemporaryServerError:
+            if idempotent or redo >= 3:
+                raise
+            # a create without ifNoneExist may or may not have landed: look again, then resend
+            self._redecide(groups, hashes, redo)
+            return
         except FatalServerError as exc:
+            text = " ".join(exc.issues) + " " + exc.reason
+            if self.ids == "client" and refuses_client_ids(exc.status, text) and any(
+                    self.decisions[self._key(r)].action == "create" for r in resources):
+                raise _ClientIdsRefused(f"HTTP {exc.status}: {(exc.issues or [exc.reason])[0]}") from None
             if self._too_big(exc) and self._shrink(groups, hashes, f"HTTP {exc.status}"):
                 return
             if self.result.mode == "batch":  # another sending thread switched meanwhile
@@ -625,6 +1013,9 @@ class Pusher:
                 self._send_transaction(groups[:mid], hashes)
                 self._send_transaction(groups[mid:], hashes)
                 return
+            if exc.status == 412 and redo == 0:  # changed between our read and our write
+                self._redecide(groups, hashes, redo)
+                return
             self._reject_group(groups[0], exc.issues or [exc.reason], exc.status)
             return
         entries = response.get("entry", [])
@@ -632,6 +1023,37 @@ class Pusher:
             raise ServerError(f"transaction-response has {len(entries)} entries for {len(resources)} sent")
         self._record(resources, entries, hashes)
         log.info("push: transaction of %d entries landed", len(resources))
+
+    def _redecide(self, groups: list[Group], hashes: dict[str, str], redo: int) -> None:
+        """Read the server's copies again for these groups and send what is still to do."""
+        saved_decisions, saved_rejects = dict(self.decisions), dict(self.group_rejects)
+        self._decide(groups)
+        todo: list[Group] = []
+        for g in groups:
+            reason = self.group_rejects.get(id(g))
+            if reason:
+                self._reject_group(g, [reason], None)
+                continue
+            send = []
+            for res in g.resources:
+                d = self.decisions[self._key(res)]
+                if d.action in ("unchanged", "linked"):
+                    self.result.count(res["resourceType"], "unchanged")
+                    self._learn(res, d, hashes)
+                elif d.action == "conflict":
+                    self._conflict(res, g.case_id, d)
+                else:
+                    send.append(res)
+            if send:
+                todo.append(Group(g.case_id, send))
+        if todo:
+            if self.result.mode == "transaction":
+                self._send_transaction(todo, hashes, redo + 1)
+            else:
+                self._send_batch(todo, hashes)
+        saved_decisions.update(self.decisions)  # the other chunks of the window keep theirs
+        saved_rejects.update(self.group_rejects)
+        self.decisions, self.group_rejects = saved_decisions, saved_rejects
 
     def _send_batch(self, groups: list[Group], hashes: dict[str, str]) -> None:
         resources = [r for g in groups for r in g.resources]
@@ -651,18 +1073,16 @@ class Pusher:
         retry: list[Resource] = []
         for i in range(0, len(resources), size):
             part = resources[i:i + size]
-            bundle = make_bundle([put_entry(r) for r in part], "batch")
+            bundle = make_bundle([self._entry(r, None) for r in part], "batch")
             try:
-                with self._lock:
-                    self.result.bundles_sent += 1
-                response = self.client.post_bundle(bundle, idempotent=True)
+                self.result.bundles_sent += 1
+                response = self.client.post_bundle(bundle, idempotent=self._idempotent(part))
             except FatalServerError as exc:
                 if self._too_big(exc) and len(part) > 1:
                     new_size = max(1, len(part) // 2)
-                    with self._lock:
-                        self._notice(f"server refused a batch of {len(part)} entries (HTTP {exc.status}); "
-                                     f"using chunks of {new_size}")
-                        self.result.batch_size = new_size
+                    self._notice(f"server refused a batch of {len(part)} entries (HTTP {exc.status}); "
+                                 f"using chunks of {new_size}")
+                    self.result.batch_size = new_size
                     retry_rest = self._batch_round(part, hashes, case_of_key, last=last)
                     retry.extend(retry_rest)
                     continue
@@ -681,36 +1101,78 @@ class Pusher:
                     retry.append(res)
                 else:
                     lines = _outcome_lines(resp.get("outcome")) or [f"HTTP {status or '?'}"]
+                    if self.ids == "client" and refuses_client_ids(status, " ".join(lines)) \
+                            and self.decisions[self._key(res)].action == "create":
+                        self._record(ok_res, ok_entries, hashes)
+                        raise _ClientIdsRefused(f"HTTP {status}: {lines[0]}")
+                    if status == 412:
+                        d = self.decisions[self._key(res)]
+                        self._conflict(res, case_of_key.get(self._key(res)),
+                                       Decision("conflict", d.ident, d.server_id, d.version,
+                                                "changed on the server while pushing (If-Match failed)"))
+                        continue
                     self._reject(res, case_of_key.get(self._key(res)), lines, status)
             self._record(ok_res, ok_entries, hashes)
         return retry
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _record(self, resources: list[Resource], entries: list[dict[str, Any]], hashes: dict[str, str]) -> None:
-        """Count each write as the server reported it (201 / outcome, never assumed) and store the
-        version it made: from `etag`, a `_history` location or entry.resource.meta, whichever
-        the server gives; the rest from one batched read."""
-        ledger_rows: list[tuple[str, Pushed]] = []
-        unknown: list[str] = []
         with self._lock:
-            for res, entry in zip(resources, entries):
-                reply = entry_reply(entry if isinstance(entry, dict) else {})
-                if not reply.ok:
-                    raise ServerError(f"transaction entry for {self._key(res)} answered "
-                                      f"{(entry.get('response') or {}).get('status')!r}")
-                self.result.count(res["resourceType"], reply.outcome)
-                key = self._key(res)
-                if reply.versioned:
-                    ledger_rows.append((key, Pushed(hashes[key], reply.version_id, reply.last_updated)))
-                else:
-                    unknown.append(key)
+            self._record_locked(resources, entries, hashes)
+
+    def _record_locked(self, resources: list[Resource], entries: list[dict[str, Any]],
+                       hashes: dict[str, str]) -> None:
+        """Count each write and store what it made: the server id and version from `location`,
+        `etag` or entry.resource.meta, whichever the server gives; the rest from one batched read.
+
+        A create decided on a read that found nothing counts as created even when the server
+        answers 200 (Medplum does for a PUT that created; a resent POST finds what its lost
+        first reply had created); otherwise the server's word (201 or its outcome) counts."""
+        rows: list[tuple[str, Written]] = []
+        unknown: dict[str, tuple[Resource, str]] = {}
+        for res, entry in zip(resources, entries):
+            reply = entry_reply(entry if isinstance(entry, dict) else {})
+            if not reply.ok:
+                raise ServerError(f"transaction entry for {self._key(res)} answered "
+                                  f"{(entry.get('response') or {}).get('status')!r}")
+            key = self._key(res)
+            d = self.decisions[key]
+            kind = res["resourceType"]
+            outcome = "created" if d.action == "create" else reply.outcome
+            self.result.count(kind, "updated" if outcome == "unchanged" else outcome)
+            sid = (reply.server_id if reply.resource_type in (None, kind) else None) \
+                or (res["id"] if self.ids == "client" else d.server_id)
+            if sid and kind in REFERENCED_TYPES:
+                self.sids[key] = f"{kind}/{sid}"
+            if reply.versioned:
+                rows.append((d.ident.key, Written(hashes[key], sid, reply.version_id, reply.last_updated)))
+            elif sid:
+                unknown[f"{kind}/{sid}"] = (res, key)
         if self.ledger is not None:
             if unknown:
-                ledger_rows += self._read_versions(unknown, hashes)
-            if ledger_rows:
-                self.ledger.record(self.client.base_url, ledger_rows)
-        with self._lock:
-            self.on_progress(len(resources))
+                rows += self._read_versions(unknown, hashes)
+            if rows:
+                self.ledger.record_written(self.server, rows)
+        for key in (self._key(r) for r in resources):
+            self._sent.pop(key, None)
+        self.on_progress(len(resources))
+
+    def _read_versions(self, unknown: dict[str, tuple[Resource, str]],
+                       hashes: dict[str, str]) -> list[tuple[str, Written]]:
+        """The versions of just-written resources whose replies named none: ONE batched read.
+        A copy is recorded only when its content is what we sent, so a write by someone else
+        between our write and this read is never taken for ours."""
+        self.result.version_reads += 1
+        rows = []
+        wanted = {server_key: self.decisions[key].ident for server_key, (_, key) in unknown.items()
+                  if self._can_search(server_key.split("/", 1)[0])}
+        for ident, copies in find_by_id(self.client, wanted).items():
+            for copy in copies:
+                _, key = unknown[f"{ident.kind}/{copy.id}"]
+                sent = self._sent.get(key)
+                if copy.version and sent is not None and same_content({**sent, "id": copy.id}, copy.body):
+                    rows.append((ident.key, Written(hashes[key], copy.id, copy.version, copy.last_updated)))
+        return rows
 
     def _where(self, case_id: str | None) -> str:
         if not case_id:
@@ -719,22 +1181,37 @@ class Pusher:
         return f"case {case_id}" + (f", row {row}" if row else "")
 
     def _reject(self, res: Resource, case_id: str | None, lines: list[str], status: int | None) -> None:
+        self.result.count(res["resourceType"], "rejected")
         where = self._where(case_id)
-        with self._lock:
-            self.result.count(res["resourceType"], "rejected")
-            for line in lines:
-                self.result.errors.append(f"{self._key(res)}{f' ({where})' if where else ''}: {line}")
-            self.on_progress(1)
+        for line in lines:
+            self.result.errors.append(f"{self._key(res)}{f' ({where})' if where else ''}: {line}")
+        self.result.rejects.append(PushReject(case_id, self.case_rows.get(case_id or ""), "; ".join(lines)))
+        self.on_progress(1)
 
     def _reject_group(self, group: Group, lines: list[str], status: int | None) -> None:
         where = self._where(group.case_id)
+        for res in group.resources:
+            self.result.count(res["resourceType"], "rejected")
         head = f"{where}: " if where else ""
-        with self._lock:
-            for res in group.resources:
-                self.result.count(res["resourceType"], "rejected")
-            for line in lines:
-                self.result.errors.append(f"{head}transaction rejected ({len(group.resources)} entries): {line}")
-            self.on_progress(len(group.resources))
+        what = "transaction rejected" if status else "not pushed"
+        for line in lines:
+            self.result.errors.append(f"{head}{what} ({len(group.resources)} entries): {line}")
+        self.result.rejects.append(PushReject(group.case_id, self.case_rows.get(group.case_id or ""),
+                                              "; ".join(lines)))
+        self.on_progress(len(group.resources))
+
+
+def write_push_rejects(path: Path, rejects: list[PushReject]) -> Path:
+    """The rejected cases of a push as CSV (case_id, row, error), written atomically."""
+    from ruxo_fhir.bundle import atomic_write_bytes
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case_id", "row", "error"])
+    for rej in rejects:
+        writer.writerow([rej.case_id or "", rej.row or "", rej.reason])
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    return path
 
 
 def push(client: Client, resources: Iterable[Resource], mapping: MappingSpec,
@@ -742,5 +1219,6 @@ def push(client: Client, resources: Iterable[Resource], mapping: MappingSpec,
          on_progress: Callable[[int], None] | None = None,
          case_rows: dict[str, int] | None = None) -> PushResult:
     """Push resources; temporary failures that outlast the retry budget raise, and a rerun
-    completes the work (nothing is lost, nothing doubled: every write is a PUT at a stable id)."""
+    completes the work (nothing is lost, nothing doubled: every write is a PUT at a stable id,
+    or, with server ids, a conditional create/update by identifier)."""
     return Pusher(client, mapping, options or PushOptions(), ledger, on_progress, case_rows).run(resources)
