@@ -519,7 +519,7 @@ class Pusher:
         self.ledger = ledger if options.use_ledger else None
         self.on_progress = on_progress or (lambda n: None)
         self.on_decided = on_decided
-        self.case_rows = case_rows or {}
+        self.case_rows = case_rows if case_rows is not None else {}  # filled as the source streams
         self.result = PushResult(mode=options.mode, batch_size=options.batch_size)
         self.ids = "client" if options.ids == "client" else "server" if options.ids == "server" else "client"
         self.server = client.base_url
