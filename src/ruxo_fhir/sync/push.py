@@ -660,6 +660,8 @@ class Pusher:
             yield chunk, {self._key(r): content_hash(r) for g in chunk for r in g.resources}
 
     def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
+        if self._flight is not None:  # the previous window's bundles land before its decisions go
+            self._flight.finish()
         self._preflight({key.split("/", 1)[0] for key in hashes})
         saved = self.result.snapshot()
         try:
