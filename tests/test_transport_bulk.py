@@ -184,3 +184,16 @@ def test_manifest_with_path_like_type_is_refused(rsps: responses.RequestsMock, t
     with pytest.raises(FatalServerError, match="invalid resource type"):
         bulk_export_to_dir(make_client([]), None, None, tmp_path / "out", poll_sleep=lambda s: None)
     assert not (tmp_path / "evil.ndjson").exists()
+
+
+def test_poll_errors_in_a_row_are_bounded_by_the_retry_policy_budget(rsps: responses.RequestsMock) -> None:
+    """Status polling shares the client's RetryPolicy: a streak of 503s stops once its sleeping
+    would pass max_total_seconds, long before max_wait_seconds."""
+    rsps.get(f"{BASE}/$export", status=202, headers={"Content-Location": STATUS})
+    rsps.get(STATUS, status=503, headers={"Retry-After": "50"})
+    rsps.delete(STATUS, status=202)
+    client = FhirClient(BASE, retry=RetryPolicy(jitter=0, max_total_seconds=60, wall_clock=lambda: NOW))
+    polls: list[float] = []
+    with pytest.raises(TemporaryServerError):
+        list(bulk_export(client, None, None, poll_sleep=polls.append, max_wait_seconds=3600))
+    assert polls == [50]

@@ -75,6 +75,8 @@ from ruxo_fhir.sync.identity import (
 )
 from ruxo_fhir.sync.ledger import Ledger, Written, content_hash
 from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
+from ruxo_fhir.transport.outcome import TEMPORARY_STATUSES
+from ruxo_fhir.transport.rest import RetryPolicy
 
 if TYPE_CHECKING:
     from ruxo_fhir.validate import Validator
@@ -130,8 +132,14 @@ class PushOptions:
     mode_explicit: bool = False  # False: a batch-only server switches the mode by itself
     version: FhirVersion = "R4"
     use_ledger: bool = True
+    # Batch entries answered with a temporary status (TEMPORARY_STATUSES) are re-sent under
+    # `retry` (None: the client's own RetryPolicy, else the default one) -- the same policy
+    # requests use -- and at most `batch_entry_retries` times. Worst case per reference level:
+    # min(retry.max_attempts, batch_entry_retries + 1) sends, sleeping at most
+    # retry.max_total_seconds in total (defaults: 6 sends, 1+2+4+8+16 = 31 s of sleeping).
     batch_entry_retries: int = 5
-    sleep: Callable[[float], None] = time.sleep
+    sleep: Callable[[float], None] = time.sleep  # does the sleeping; the policy says how long
+    retry: RetryPolicy | None = None
     ids: str = "auto"  # client | server | auto (server when the server refuses client ids)
     on_conflict: str = "skip"  # skip | overwrite: a server copy someone else changed
     dry_run: bool = False  # read and decide, write nothing
@@ -1060,13 +1068,24 @@ class Pusher:
     def _send_batch(self, groups: list[Group], hashes: dict[str, str]) -> None:
         resources = [r for g in groups for r in g.resources]
         case_of_key = {self._key(r): g.case_id for g in groups for r in g.resources}
+        policy = self._retry_policy()
+        attempts = min(policy.max_attempts, self.opt.batch_entry_retries + 1)
         for level in reference_levels(resources):
-            pending = level
-            for attempt in range(self.opt.batch_entry_retries + 1):
-                pending = self._batch_round(pending, hashes, case_of_key, last=attempt == self.opt.batch_entry_retries)
-                if not pending:
+            pending, slept, attempt = level, 0.0, 1
+            while pending:
+                delay = policy.next_delay(attempt, slept, None) if attempt < attempts else None
+                pending = self._batch_round(pending, hashes, case_of_key, last=delay is None)
+                if not pending or delay is None:
                     break
-                self.opt.sleep(min(30.0, 2.0 ** attempt))
+                self.opt.sleep(delay)
+                slept += delay
+                attempt += 1
+
+    def _retry_policy(self) -> RetryPolicy:
+        if self.opt.retry is not None:
+            return self.opt.retry
+        own = getattr(self.client, "retry", None)
+        return own if isinstance(own, RetryPolicy) else RetryPolicy()
 
     def _batch_round(self, resources: list[Resource], hashes: dict[str, str],
                      case_of_key: dict[str, str | None], *, last: bool) -> list[Resource]:
@@ -1099,7 +1118,7 @@ class Pusher:
                 if 200 <= status < 300:
                     ok_res.append(res)
                     ok_entries.append(entry)
-                elif (status in (408, 429) or status >= 500) and not last:
+                elif status in TEMPORARY_STATUSES and not last:
                     retry.append(res)
                 else:
                     lines = _outcome_lines(resp.get("outcome")) or [f"HTTP {status or '?'}"]

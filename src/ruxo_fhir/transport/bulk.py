@@ -46,11 +46,6 @@ class ExportManifest:
     deleted: tuple[ExportFile, ...] = ()
 
 
-def _default_poll_delay(polls: int) -> float:
-    """Without Retry-After: 1, 2, 4 … seconds, at most 30."""
-    return float(min(30, 2 ** min(polls, 5)))
-
-
 def kick_off_export(
     client: FhirClient,
     types: Sequence[str] | None,
@@ -98,14 +93,19 @@ def wait_for_manifest(
 ) -> ExportManifest:
     """Poll the status URL until the manifest (200) arrives.
 
-    202 answers wait ``Retry-After`` (seconds or HTTP-date; else 1, 2, 4 … 30 s) and log
-    ``X-Progress``; 429/5xx are waited out the same way, up to ``client.retry.max_attempts``
-    in a row. Total sleeping is bounded by ``max_wait_seconds``, after which
-    TemporaryServerError is raised. Other errors (the export failed) raise via raise_for_response.
+    Uses the client's RetryPolicy (the one retry policy): 202 answers wait ``Retry-After``
+    (seconds or HTTP-date; else the policy's backoff: 1, 2, 4 … ``backoff_cap`` s) and log
+    ``X-Progress``. Temporary answers (TEMPORARY_STATUSES) are waited out the same way, but a
+    streak of them gives up as a request would: after ``retry.max_attempts`` in a row or once the
+    streak's sleeping would pass ``retry.max_total_seconds``. Worst case: the job's total
+    sleeping is at most ``max_wait_seconds`` (an export may legitimately run that long), then
+    TemporaryServerError. Other errors (the export failed) raise via raise_for_response.
     """
+    retry = client.retry
     slept = 0.0
     polls = 0
     errors_in_a_row = 0
+    slept_on_errors = 0.0
     target = redact_url(status_url)
     while True:
         resp = client.request("GET", status_url, check=False, headers={"Accept": FHIR_JSON})
@@ -114,11 +114,13 @@ def wait_for_manifest(
             return parse_manifest(resp.json(), resp.url)
         if resp.status == 202:
             errors_in_a_row = 0
+            slept_on_errors = 0.0
             progress = resp.headers.get("X-Progress")
             logger.info("bulk export in progress%s", f": {progress[:100]}" if progress else "")
         elif resp.status in TEMPORARY_STATUSES:
             errors_in_a_row += 1
-            if errors_in_a_row >= client.retry.max_attempts:
+            told = parse_retry_after(resp.headers.get("Retry-After"), retry.wall_clock())
+            if retry.next_delay(errors_in_a_row, slept_on_errors, told) is None:
                 raise_for_response(resp.status, resp.headers, resp.body, resp.url)
             logger.warning("bulk export status %s -> %d; polling again", target, resp.status)
         else:
@@ -126,14 +128,16 @@ def wait_for_manifest(
             raise FatalServerError(
                 f"bulk export status answered HTTP {resp.status}; expected 202 or 200", status=resp.status, url=target
             )
-        wait = parse_retry_after(resp.headers.get("Retry-After"), client.retry.wall_clock())
-        delay = wait if wait is not None else _default_poll_delay(polls - 1)
+        wait = parse_retry_after(resp.headers.get("Retry-After"), retry.wall_clock())
+        delay = wait if wait is not None else retry.backoff(polls)
         left = max_wait_seconds - slept
         if left <= 0:
             raise TemporaryServerError(f"bulk export not finished after waiting {slept:.0f} s", url=target)
         delay = min(delay, left)
         poll_sleep(delay)
         slept += delay
+        if errors_in_a_row:
+            slept_on_errors += delay
 
 
 def parse_manifest(doc: Any, url: str = "") -> ExportManifest:
