@@ -583,7 +583,7 @@ def _render(summary: OutcomesSummary, mapping: MappingSpec, opt: OutcomesOptions
     displays = {label: spec.display for label, spec in mapping.indications.items()}
     summary.report_text = render(summary.cohort, opt.report_format, displays=displays, texts=mapping.report)
     if opt.report_path is not None:
-        from ruxo_fhir.bundle import atomic_write_bytes
+        from ruxo_fhir.atomic import atomic_write_bytes
 
         atomic_write_bytes(opt.report_path, summary.report_text.encode("utf-8"))
         summary.report_path = opt.report_path

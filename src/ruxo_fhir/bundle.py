@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import orjson
 
+from ruxo_fhir.atomic import atomic_write_bytes as atomic_write_bytes  # re-exported (was defined here)
+from ruxo_fhir.atomic import open_private as open_private
 from ruxo_fhir.errors import InputError
 from ruxo_fhir.resource import Resource
 
@@ -195,23 +197,6 @@ class NdjsonWriter:
             except OSError:
                 pass  # the buffered tail could not be written (disk full): the file goes anyway
         shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def open_private(path: Path) -> IO[bytes]:
-    """A new file for writing, readable by the owner only (0600): outputs hold patient data."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def writer_for(path: Path, fmt: str, bundle_type: str = "transaction") -> BundleWriter | NdjsonWriter:

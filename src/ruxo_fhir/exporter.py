@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ruxo_fhir.atomic import atomic_open
 from ruxo_fhir.bundle import iter_resources
 from ruxo_fhir.csvsafe import SafeDictWriter
 from ruxo_fhir.mapping.reverse import CaseAssembler
@@ -81,15 +80,8 @@ def export_cases(source: str | Path, output: str | Path, *, mapping: MappingSpec
     rows are written as they are assembled, the output appears atomically at the end."""
     out = Path(output)
     guard_outputs({"FILE": source}, {"-o": out})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with CaseAssembler(mapping) as assembler, os.fdopen(fd, "wb") as fh:
-            assembler.explain = shape_reason
-            assembler.add_all(iter_resources(source))
-            rows = write_csv(assembler.records(), fh, excel=excel, decimal=decimal)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with CaseAssembler(mapping) as assembler, atomic_open(out) as fh:
+        assembler.explain = shape_reason
+        assembler.add_all(iter_resources(source))
+        rows = write_csv(assembler.records(), fh, excel=excel, decimal=decimal)
     return ExportResult(rows=rows, skipped=assembler.skipped, warnings=assembler.warnings)

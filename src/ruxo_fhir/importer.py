@@ -9,8 +9,6 @@ writes; the output is byte-identical to `jobs=1` (same order, same bytes).
 from __future__ import annotations
 
 import multiprocessing
-import os
-import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import IO, Any
 
 import orjson
 
+from ruxo_fhir.atomic import AtomicFile
 from ruxo_fhir.bundle import NdjsonWriter, writer_for
 from ruxo_fhir.csvsafe import SafeDictWriter
 from ruxo_fhir.fhir_version import FhirVersion, to_version
@@ -76,11 +75,9 @@ class RejectsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.count = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        self._tmp = Path(tmp)
         # surrogateescape: a stray byte of a mostly-UTF-8 input goes back out as the same byte
-        self._fh: IO[str] = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+        self._target = AtomicFile(path, "w", encoding="utf-8", errors="surrogateescape", newline="")
+        self._fh: IO[str] = self._target.file
         self._csv = SafeDictWriter(self._fh, fieldnames=REJECT_COLUMNS, lineterminator="\n")
         self._csv.writeheader()
 
@@ -89,15 +86,10 @@ class RejectsWriter:
         self.count += 1
 
     def close(self) -> None:
-        self._fh.close()
-        os.replace(self._tmp, self.path)
+        self._target.commit()
 
     def abort(self) -> None:
-        try:
-            self._fh.close()
-        except OSError:
-            pass  # the buffered tail could not be written (disk full): the file goes anyway
-        self._tmp.unlink(missing_ok=True)
+        self._target.abort()
 
 
 class _CaseBuilder:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ruxo_fhir import __version__
-from ruxo_fhir.bundle import atomic_write_bytes
+from ruxo_fhir.atomic import atomic_write_bytes
 from ruxo_fhir.errors import RuxoError
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.redact import redact_obj

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from ruxo_fhir.bundle import atomic_write_bytes
+from ruxo_fhir.atomic import atomic_write_bytes
 from ruxo_fhir.errors import InputError, UsageError
 from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.reverse import identifier_value, reference_key, retracted

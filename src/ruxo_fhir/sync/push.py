@@ -1224,7 +1224,7 @@ class Pusher:
 
 def write_push_rejects(path: Path, rejects: list[PushReject]) -> Path:
     """The rejected cases of a push as CSV (case_id, row, error), written atomically."""
-    from ruxo_fhir.bundle import atomic_write_bytes
+    from ruxo_fhir.atomic import atomic_write_bytes
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
