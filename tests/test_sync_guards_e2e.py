@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from engines import both_engines_fixture, medplum_only
 from fhirserver import TestFhirServer
 from test_sync_e2e import EXAMPLE_CSV, bundle_resources, cli, import_bundle, server_count, type_counts
 
 pytestmark = pytest.mark.e2e
+fhir_server = both_engines_fixture()  # Medplum and HAPI; the Medplum front's switches: medplum_only
 
 
 @pytest.fixture
@@ -64,6 +66,7 @@ def test_r5_ndjson_folder_to_r4_server_exit_5_no_write(
     _nothing_written(fhir_server)
 
 
+@medplum_only  # an R5 server: the front's fhir_version switch (the HAPI fixture is R4)
 def test_r4_data_to_r5_server_refused_even_if_the_flag_says_r5(
     fhir_server: TestFhirServer, state: Path, tmp_path: Path
 ) -> None:
@@ -75,6 +78,7 @@ def test_r4_data_to_r5_server_refused_even_if_the_flag_says_r5(
     _nothing_written(fhir_server)
 
 
+@medplum_only  # as above
 def test_r5_data_to_r5_server_is_pushed(fhir_server: TestFhirServer, r5_bundle: Path, state: Path) -> None:
     """The guard is no blanket refusal: R5 data goes to a server that says 5.0.0 (this engine
     validates R4 only, so validation is switched off; it is the version check under test)."""
@@ -84,6 +88,7 @@ def test_r5_data_to_r5_server_is_pushed(fhir_server: TestFhirServer, r5_bundle: 
     assert server_count(fhir_server) == type_counts(bundle_resources(r5_bundle))
 
 
+@medplum_only  # capabilities_omit: a front switch (HAPI declares every interaction)
 def test_capability_preflight_missing_update_exit_5_no_write(
     fhir_server: TestFhirServer, state: Path, tmp_path: Path
 ) -> None:
@@ -94,6 +99,7 @@ def test_capability_preflight_missing_update_exit_5_no_write(
     _nothing_written(fhir_server)
 
 
+@medplum_only  # resource_types: a front switch
 def test_capability_preflight_type_not_declared_and_check_lists_it(
     fhir_server: TestFhirServer, state: Path, tmp_path: Path
 ) -> None:
@@ -118,6 +124,7 @@ def test_check_lists_every_type_push_writes(fhir_server: TestFhirServer, state: 
         assert any(kind in ln for ln in check.output.splitlines()), (kind, check)
 
 
+@medplum_only  # capabilities_omit / bundle_entry_resource: front switches
 def test_no_search_declared_push_works_and_never_skips_on_trust(
     fhir_server: TestFhirServer, state: Path, tmp_path: Path
 ) -> None:
