@@ -12,21 +12,16 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 from ruxo_fhir.mapping.reverse import identifier_value, identifiers, reference_key
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.ledger import content_hash
 
 Resource = dict[str, Any]
 SEARCH_CHUNK = 40  # identifier values per search URL (a few KB at most)
 REFERENCED_TYPES = frozenset({"Patient", "Condition", "MedicationStatement"})
-
-
-class Client(Protocol):
-    base_url: str
-
-    def search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]: ...
 
 
 class Identity(NamedTuple):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from ruxo_fhir.errors import RuxoError, ServerError
 from ruxo_fhir.fhir_version import FhirVersion
@@ -16,21 +16,9 @@ from ruxo_fhir.sync.capabilities import (
     check_version,
     server_interactions,
 )
+from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.ledger import Ledger
 from ruxo_fhir.sync.push import Pusher, PushOptions, case_of, shared_systems_warning
-
-
-class Client(Protocol):
-    base_url: str
-
-    def capabilities(self) -> dict[str, Any]: ...
-
-    def search(self, resource_type: str, params: dict[str, str]) -> Any: ...
-
-    def search_bundles(self, resource_type: str, params: dict[str, str]) -> Any: ...
-
-    def request(self, method: str, url_or_path: str, *, json: Any = None, idempotent: bool | None = None,
-                check: bool = True) -> Any: ...
 
 
 @dataclass
@@ -75,7 +63,7 @@ def plan_push(client: Client, resources: Iterable[Resource], mapping: MappingSpe
         if can_validate and action in ("create", "update"):
             _validate_remote(client, res, mapping, rows, plan)
 
-    pusher = Pusher(client, mapping, opts, ledger, case_rows=rows, on_decided=decided)  # type: ignore[arg-type]
+    pusher = Pusher(client, mapping, opts, ledger, case_rows=rows, on_decided=decided)
     result = pusher.run(resources)
     names = {"created": "create", "updated": "update", "unchanged": "unchanged", "conflict": "conflict",
              "rejected": "rejected"}

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ruxo_fhir.errors import ServerError
 from ruxo_fhir.mapping.forward import ROLE_RESPONSE
 from ruxo_fhir.mapping.reverse import ENTERED_IN_ERROR
 from ruxo_fhir.mapping.spec import MappingSpec
+from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.identity import identity_of
 from ruxo_fhir.sync.ledger import Ledger, Written
 from ruxo_fhir.sync.pull import pull_cohort
@@ -30,14 +31,6 @@ DEFAULT_PRUNE_MAX = 20.0  # percent of the cohort
 STATUS_TYPES = frozenset({"Observation", "MedicationStatement"})
 # Retracted first what nothing else references, so a server checking references never refuses.
 ORDER = {"AdverseEvent": 0, "Observation": 1, "MedicationStatement": 2, "Condition": 3}
-
-
-class Client(Protocol):
-    base_url: str
-
-    def search(self, resource_type: str, params: dict[str, str]) -> Any: ...
-
-    def request(self, method: str, url_or_path: str, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -75,7 +68,7 @@ def find_retractable(client: Client, mapping: MappingSpec, produced: set[str], c
     `produced`: identity keys of every resource of the source; `cases`: its case ids (a
     case's outcome write-backs go only when the case goes)."""
     out = PruneResult()
-    for res in pull_cohort(client, mapping):  # type: ignore[arg-type]  # leaves entered-in-error out
+    for res in pull_cohort(client, mapping):  # leaves entered-in-error out
         kind = str(res.get("resourceType"))
         if kind == "Patient":
             continue  # never touched

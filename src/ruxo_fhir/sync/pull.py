@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -23,6 +23,7 @@ from ruxo_fhir.fhir_version import to_r4
 from ruxo_fhir.mapping.reverse import identifier_value, reference_key, retracted
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.resource import Resource
+from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 
 log = logging.getLogger("ruxo_fhir.sync")
 
@@ -31,15 +32,6 @@ PART_TYPES: tuple[str, ...] = ("Condition", "MedicationStatement", "Observation"
 # fetched by the cohort's subjects and filtered on the identifier here.
 BY_SUBJECT_TYPES: tuple[str, ...] = ("AdverseEvent",)
 COHORT_TYPES: tuple[str, ...] = ("Patient", *PART_TYPES)
-
-
-class Client(Protocol):
-    base_url: str
-
-    def search(self, resource_type: str, params: dict[str, str], *,
-               max_pages: int | None = None) -> Iterator[dict[str, Any]]: ...
-
-    def request(self, method: str, url_or_path: str, *, check: bool = True) -> Any: ...
 
 
 # A FHIR date/dateTime/instant as _lastUpdated takes it: 2024, 2024-05, 2024-05-01, 2024-05-01T10:00:00Z

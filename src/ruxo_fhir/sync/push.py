@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ruxo_fhir.bundle import make_bundle, put_entry
 from ruxo_fhir.errors import (
@@ -58,6 +58,7 @@ from ruxo_fhir.sync.capabilities import (
     check_version as check_version,  # re-exported (was defined here)
 )
 from ruxo_fhir.sync.capabilities import server_interactions as server_interactions
+from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.identity import (
     REFERENCED_TYPES,
     Identity,
@@ -111,18 +112,6 @@ def refused_transactions(exc: ServerError) -> bool:
 
 def _at_bundle_level(expression: tuple[str, ...]) -> bool:
     return not expression or all(e in _BUNDLE_LEVEL for e in expression)
-
-
-class Client(Protocol):
-    """The part of transport.FhirClient push needs (kept here so sync stays testable)."""
-
-    base_url: str
-
-    def capabilities(self) -> dict[str, Any]: ...
-
-    def post_bundle(self, bundle: dict[str, Any], *, idempotent: bool) -> dict[str, Any]: ...
-
-    def search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]: ...
 
 
 @dataclass
@@ -617,7 +606,7 @@ class Pusher:
                 self.result.prune_refused = (f"--prune refused: the server declares no search for "
                                              f"{', '.join(blind)}, so the cohort on it cannot be read")
             return
-        found = find_retractable(self.client, self.mapping, self.produced, self.cases)  # type: ignore[arg-type]
+        found = find_retractable(self.client, self.mapping, self.produced, self.cases)
         self.result.cohort_on_server = found.cohort
         self.result.retractable = [r.line() for r in found.found]
         n = len(found.found)
@@ -638,7 +627,7 @@ class Pusher:
                 "wipe a registry: check the input, or pass --prune-max PERCENT")
         if self.result.prune_refused or self.opt.dry_run:
             return
-        retract(self.client, found.found, found, self.ledger)  # type: ignore[arg-type]
+        retract(self.client, found.found, found, self.ledger)
         self.result.retracted = found.retracted
         self.result.errors.extend(found.errors)
 
