@@ -64,7 +64,7 @@ class ForwardMapper:
                                    ("adverse_event", m.adverse_events))
         }
         self._body_sites = {key: m.coding(code) for key, code in m.body_sites.items() if m.keeps(code)}
-        self._clinical = _concept({"coding": [{"system": s["condition_clinical"], "code": "active"}]})
+        self._clinical = _concept({"coding": [{"system": s["condition_clinical"], "code": mapping.statuses.condition_clinical}]})
         self._verification = _concept({"coding": [{"system": s["condition_verification"], "code": "confirmed"}]})
         self._condition_category = _concept({"coding": [{"system": s["condition_category"],
                                                          "code": "problem-list-item"}]})
@@ -198,7 +198,7 @@ class ForwardMapper:
             "resourceType": "MedicationStatement",
             "id": statement,
             "identifier": [{"system": self.sys.case, "value": r.case_id}],
-            "status": "active",
+            "status": self.m.statuses.medication_statement,
             "medicationCodeableConcept": self._medication(),
             "subject": {"reference": subject},
             "effectivePeriod": {"start": r.treatment_start},
@@ -220,7 +220,7 @@ class ForwardMapper:
             "resourceType": "MedicationStatement",
             "id": self.part_id("MedicationStatement", r.case_id, role),
             "identifier": [self.part_identifier(r.case_id, role)],
-            "status": "completed",
+            "status": self.m.statuses.prior_treatment,
             "medicationCodeableConcept": self._label_concept(self.m.prior_treatments, "prior_treatment", label),
             "subject": {"reference": subject},
             "reasonReference": [{"reference": f"Condition/{condition}"}],
@@ -232,7 +232,7 @@ class ForwardMapper:
             "resourceType": "Observation",
             "id": self.part_id("Observation", r.case_id, role),
             "identifier": [self.part_identifier(r.case_id, role)],
-            "status": "final",
+            "status": self.m.statuses.observation,
             "code": code,
             "subject": {"reference": subject},
             "partOf": [{"reference": f"MedicationStatement/{statement}"}],

@@ -78,6 +78,23 @@ class ReportSpec(_Model):
     improvement_axis: str = "improvement (%)"
 
 
+MedicationStatementStatus = Literal["active", "completed", "entered-in-error", "intended", "stopped",
+                                    "on-hold", "unknown", "not-taken"]
+ObservationStatus = Literal["registered", "preliminary", "final", "amended", "corrected", "cancelled",
+                            "entered-in-error", "unknown"]
+ConditionClinicalStatus = Literal["active", "recurrence", "relapse", "inactive", "remission", "resolved"]
+
+
+class StatusesSpec(_Model):
+    """The status codes the forward mapping writes (values of FHIR R4's required bindings):
+    a study's data may be, e.g., a finished treatment or preliminary results."""
+
+    medication_statement: MedicationStatementStatus = "active"
+    prior_treatment: MedicationStatementStatus = "completed"
+    observation: ObservationStatus = "final"
+    condition_clinical: ConditionClinicalStatus = "active"
+
+
 class ObservationSpec(_Model):
     code: CodeSpec | None = None
     unit: str | None = None
@@ -130,6 +147,7 @@ class MappingSpec(_Model):
     identifier_systems: IdentifierSystems
     patients: PatientsSpec = Field(default_factory=PatientsSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    statuses: StatusesSpec = Field(default_factory=StatusesSpec)
     project_systems: dict[str, str]
     min_confidence: Confidence = "P"
     columns: dict[str, ColumnSpec]
