@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+from engines import both_engines_fixture
 from fhirserver import TestFhirServer
 from test_sync_e2e import (
     EXAMPLE_CSV,
@@ -26,6 +27,7 @@ from test_sync_e2e import (
 )
 
 pytestmark = pytest.mark.e2e
+fhir_server = both_engines_fixture()  # Medplum (tests/fhir_server) and HAPI FHIR JPA
 
 
 @pytest.fixture
