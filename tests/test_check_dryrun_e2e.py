@@ -88,7 +88,7 @@ def test_check_default_server_usable(fhir_server: TestFhirServer, state: Path) -
     assert run.exit_code == 0, run
     assert not any("[FAIL]" in ln for ln in run.out_lines), run
     for item in ("reachable", "FHIR version", "transaction", "batch", "Patient", "Observation"):
-        assert any(f"] {item}" in ln for ln in run.out_lines), f"{item} not reported\n{run}"
+        assert any(f"ok] {item}" in ln for ln in run.out_lines), f"{item} not ok\n{run}"
     assert fhir_server.stats()["writes"] == 0
 
 

@@ -154,7 +154,12 @@ def check_server(client: Client, version: FhirVersion, token_info: str | None = 
     out.append(CheckLine("transaction", "transaction" in interactions,
                          "declared" if "transaction" in interactions else "missing (push falls back to batch)",
                          needed="batch" not in interactions))
-    out.append(CheckLine("batch", "batch" in interactions, "declared" if "batch" in interactions else "missing",
+    # batch is push's fallback for servers that refuse transactions: with transaction declared its
+    # absence costs nothing (HAPI JPA serves batch but its CapabilityStatement lists only transaction).
+    out.append(CheckLine("batch", "batch" in interactions or "transaction" in interactions,
+                         "declared" if "batch" in interactions else
+                         "not declared (push uses transactions; batch is only its fallback)" if
+                         "transaction" in interactions else "missing",
                          needed="transaction" not in interactions))
     resources = {r.get("type"): r for rest in caps.get("rest", []) for r in rest.get("resource", [])}
     declared = Capabilities.read(caps)
@@ -174,7 +179,7 @@ def check_server(client: Client, version: FhirVersion, token_info: str | None = 
                                         ("conditional update", res.get("conditionalUpdate"))) if not flag]
         if cond:
             out.append(CheckLine(f"{kind} conditional", False, f"not declared: {', '.join(cond)} "
-                                 "(push uses PUT with stable ids and does not need them)", needed=False))
+                                 "(needed by push --ids server only; client ids use PUT at stable ids)", needed=False))
     ops = _server_ops(caps)
     out.append(CheckLine("$export", "export" in ops, "declared (pull --bulk works)" if "export" in ops
                          else "not declared (pull --bulk will not work; paged pull does)", needed=False))
