@@ -243,7 +243,10 @@ def test_push_example_twice_exact_counts_second_run_sends_nothing(
     # one GET /metadata, one `_id` search per type (what is there already: another team's or a
     # clinician's data is never overwritten blindly, issue 12), one transaction POST, and the
     # cohort read that counts what the source no longer produces (6 one-page searches here)
-    assert reqs == 2 + len(want) + 6, first
+    if getattr(fhir_server, "engine", "medplum") == "medplum":
+        assert reqs == 2 + len(want) + 6, first
+    else:  # HAPI pages searches at its default page size (20): a cohort search may take 2 pages
+        assert 2 + len(want) + 6 <= reqs <= 2 + len(want) + 2 * 6, first
     assert "\r" not in first.stderr, "a progress bar was drawn although stderr is not a terminal"
     assert server_count(fhir_server) == want
     after_first = fhir_server.stats()
