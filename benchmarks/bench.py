@@ -41,10 +41,9 @@ from typing import Any
 import orjson
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
-import gen_cases
+import cohort_gen
 
 from ruxo_fhir.bundle import make_bundle, put_entry
 from ruxo_fhir.fhir_version import to_version
@@ -182,7 +181,7 @@ def orjson_floor(ndjson_dir: Path, target: Path, batch: int = 50_000, repeat: in
 
 def startup_times(tmp: Path, seed: int, repeat: int = 3) -> dict[str, tuple[float, float]]:
     """(best wall s, CPU s of that run) of `ruxo-fhir --help` and of an import of one row."""
-    one = gen_cases.write_cases(tmp / "one.csv", 1, seed)
+    one = cohort_gen.write_cases(tmp / "one.csv", 1, seed)
     commands = {
         "ruxo-fhir --help": [sys.executable, "-m", "ruxo_fhir", "--help"],
         "ruxo-fhir import (1 row)": [sys.executable, "-m", "ruxo_fhir", "-q", "import", str(one), "-o",
@@ -266,7 +265,7 @@ def profile_import(csv_path: Path, out: Path, top: int = 12) -> str:
 
 def cohort(n: int, seed: int, tmp: Path) -> list[Resource]:
     """The validated resources of n generated rows, in case order (as push receives them)."""
-    path = gen_cases.write_cases(tmp / f"push{n}.csv", n, seed)
+    path = cohort_gen.write_cases(tmp / f"push{n}.csv", n, seed)
     mapping = load_mapping(None)
     return [r for _rec, rs in case_resources(CaseReader(path, mapping), mapping, "R4", lambda rej: None) for r in rs]
 
@@ -442,7 +441,7 @@ def push_csv_memory(rows: int, tmp: Path, seed: int) -> dict[str, float]:
     server = TestFhirServer().start()
     try:
         for n in (rows // 10, rows):
-            csv_path = gen_cases.write_cases(tmp / f"pushmem{n}.csv", n, seed)
+            csv_path = cohort_gen.write_cases(tmp / f"pushmem{n}.csv", n, seed)
             server.reset()
             cmd = [sys.executable, "-m", "ruxo_fhir", "-q", "push", str(csv_path), "--server", server.base_url]
             env = {**os.environ, "RUXO_FHIR_STATE_DIR": str(tmp / f"pushmem-state{n}")}
@@ -528,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"| `{name}` | {wall:.2f} | {cpu:.2f} |")
         say()
         few = 20  # rows that already bring every resource type: start-up incl. loading the model classes
-        one = gen_cases.write_cases(tmp / "startup.csv", few, args.seed)
+        one = cohort_gen.write_cases(tmp / "startup.csv", few, args.seed)
         startup = {j: min(run_import(one, tmp / f"startup-out{j}", j)["wall"] for _ in range(2)) for j in jobs_list}
         say("## import --format ndjson (one subprocess, start-up included) vs the orjson floor")
         say()
@@ -544,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             "max RSS of one process |")
         say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in sizes:
-            csv_path = gen_cases.write_cases(tmp / f"cases{n}.csv", n, args.seed)
+            csv_path = cohort_gen.write_cases(tmp / f"cases{n}.csv", n, args.seed)
             floor_s: float | None = None
             floor_cpu = 0.0
             for j in jobs_list:
@@ -566,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             if n >= 1_000_000:
                 (csv_path).unlink(missing_ok=True)
         say()
-        sample = gen_cases.write_cases(tmp / "sample.csv", min(sizes[0], 20_000), args.seed)
+        sample = cohort_gen.write_cases(tmp / "sample.csv", min(sizes[0], 20_000), args.seed)
         b = stage_breakdown(sample)
         floor_us = b["orjson floor"]
         say(f"## where an import row's time goes ({b['rows']:,} rows, {b['resources']:,} resources, "
@@ -580,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         say()
         if args.profile:
             say("```")
-            say(profile_import(gen_cases.write_cases(tmp / "prof.csv", 5000, args.seed), tmp / "prof-out"))
+            say(profile_import(cohort_gen.write_cases(tmp / "prof.csv", 5000, args.seed), tmp / "prof-out"))
             say("```")
         if not args.no_server:
             latencies = [int(x) for x in args.latencies.split(",") if x]

@@ -1,24 +1,24 @@
 """A streaming import of 20,000 generated rows: correct counts, one Patient per patient, rejects.
 
 Correctness only (no timing, no memory: those belong to benchmarks/bench.py). The rows come
-from the seeded benchmark generator with deliberate duplicates, patient conflicts and a few
-cases that fail FHIR validation; the expectations are recomputed here from the CSV itself.
+from the seeded cohort generator (tests/cohort_gen.py) with deliberate duplicates, patient
+conflicts and a few cases that fail FHIR validation; the expectations are recomputed here from
+the CSV itself.
 """
 from __future__ import annotations
 
 import csv
 import filecmp
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from cohort_gen import COLUMNS, iter_rows
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 20_000
@@ -26,17 +26,8 @@ CASE_SYSTEM = "https://ruxo-fhir.example/sid/case-id"
 PATIENT_SYSTEM = "https://ruxo-fhir.example/sid/patient-id"
 
 
-def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_gen_cases", REPO / "benchmarks" / "gen_cases.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _write_rows(path: Path) -> list[list[str]]:
-    gen = _generator()
-    rows = [list(r) for r in gen.rows(ROWS, 11, dup_every=97, conflict_every=89)]
+    rows = [[r[c] for c in COLUMNS] for r in iter_rows(ROWS, 11, dup_every=97, conflict_every=89)]
     # Cases that pass the row checks but fail FHIR validation (a code with two spaces), each the
     # first case of a new patient whose later case must then carry the Patient resource.
     for n, i in enumerate((500, 7_000, 15_000)):
@@ -46,7 +37,7 @@ def _write_rows(path: Path) -> list[list[str]]:
         rows[i + 1][1:4] = [pid, "F", "1970-01-01"]
     with path.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(gen.COLUMNS)
+        writer.writerow(COLUMNS)
         writer.writerows(rows)
     return rows
 
