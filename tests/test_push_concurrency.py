@@ -34,7 +34,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 def _push(server: TestFhirServer, resources: list[dict[str, Any]], ledger_path: Path, *, concurrency: int,
-          mode: str | None = None, batch_size: int = 40, runs: int = 4) -> tuple[Any, int]:
+          mode: str | None = None, batch_size: int = 40, runs: int = 4,
+          max_attempts: int = 6) -> tuple[Any, int]:
     """The library push with short sleeps; a run that runs out of retries is rerun."""
     from ruxo_fhir.errors import TemporaryServerError
     from ruxo_fhir.mapping.spec import load_mapping
@@ -43,7 +44,8 @@ def _push(server: TestFhirServer, resources: list[dict[str, Any]], ledger_path: 
     from ruxo_fhir.transport.rest import FhirClient, RetryPolicy
 
     for attempt in range(1, runs + 1):
-        retry = RetryPolicy(backoff_base=0.01, backoff_cap=0.05, max_total_seconds=5, jitter=0)
+        retry = RetryPolicy(max_attempts=max_attempts, backoff_base=0.01, backoff_cap=0.05,
+                            max_total_seconds=5 * max_attempts, jitter=0)
         options = PushOptions(batch_size=batch_size, mode=mode or "transaction", mode_explicit=mode is not None,
                               sleep=lambda s: time.sleep(min(s, 0.05)), concurrency=concurrency)
         with FhirClient(server.base_url, retry=retry) as client, Ledger(ledger_path) as ledger:
@@ -110,9 +112,14 @@ def test_concurrency_keeps_reference_order_and_counts_of_one(
     """With referential integrity on, a case bundle sent before the bundle carrying its Patient
     landed would be refused; 8 in flight, with every 3rd write refused (503) so that bundles
     overtake each other, must still see none refused, and the counts per type are those of a
-    sequential push."""
+    sequential push.
+
+    One request meets a 503 with odds near 1/3 per attempt, so with ~200 requests six attempts
+    run out now and then (a rerun, as a user would do); 30 attempts make that (1/3)^30-rare, so
+    `runs == 1` tests ordering, not luck."""
     fhir_server.configure(referential_integrity=True, faults={"503": 3}, retry_after=0)
-    result, runs = _push(fhir_server, cohort, tmp_path / "l8.sqlite3", concurrency=8, batch_size=10)
+    result, runs = _push(fhir_server, cohort, tmp_path / "l8.sqlite3", concurrency=8, batch_size=10,
+                         max_attempts=30)
     assert runs == 1 and result.rejected == 0, result.errors[:3]
     assert fhir_server.stats()["faults_injected"]["503"] > 0
     fhir_server.reset()

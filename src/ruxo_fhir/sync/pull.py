@@ -50,6 +50,9 @@ def check_since(value: str | None) -> str | None:
     return text
 
 
+COHORT_READ_PAGE = 500  # _count of internal cohort reads
+
+
 @dataclass
 class PullOptions:
     since: str | None = None
@@ -94,10 +97,13 @@ def pull_cohort(client: Client, mapping: MappingSpec, options: PullOptions | Non
                 result: PullResult | None = None) -> Iterator[Resource]:
     """Yield the cohort's resources page by page (every `next` link followed).
 
+    Without options (push's removed-case count, outcomes from a server) pages of
+    COHORT_READ_PAGE are asked for: server defaults (HAPI: 20) would multiply the requests;
+    a server caps `_count` at its own maximum, as the search spec allows.
     Memory: the set of the cohort's patient references, nothing per resource body.
     """
     res = result or PullResult()
-    opt = options or PullOptions()
+    opt = options or PullOptions(page_size=COHORT_READ_PAGE)
     yield from _kept(_pull_cohort(_PageBound(client, opt.max_pages), mapping, opt, res), res)
     if res.retracted:
         res.warnings.append(f"left out {res.retracted} entered-in-error (retracted) resource(s)")
