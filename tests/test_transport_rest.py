@@ -124,7 +124,7 @@ def test_raise_for_response_maps_status(status: int, cls: type[Exception]) -> No
     err = info.value
     assert type(err) is cls
     assert err.status == status  # type: ignore[attr-defined]
-    assert err.issues == summarize_outcome(OPERATION_OUTCOME)  # type: ignore[attr-defined]
+    assert err.summaries == summarize_outcome(OPERATION_OUTCOME)  # type: ignore[attr-defined]
     assert err.case_id == "C7"  # type: ignore[attr-defined]
     assert "bad date" in str(err) and "(case C7)" in str(err)
 
@@ -133,9 +133,10 @@ def test_server_error_carries_structured_outcome_issues() -> None:
     body = json.dumps(OPERATION_OUTCOME).encode()
     with pytest.raises(FatalServerError) as info:
         raise_for_response(422, {}, body, f"{BASE}/Patient/1")
-    first = info.value.outcome[0]
+    first = info.value.issues[0]
     assert first == OutcomeIssue("error", "invalid", "Patient.birthDate: bad date", ("Patient.birthDate",))
-    assert len(info.value.outcome) == len(info.value.issues)
+    assert str(first) == first.summary == "error invalid: Patient.birthDate: bad date (at Patient.birthDate)"
+    assert info.value.outcome == info.value.issues and len(info.value.issues) == 2
     assert issubclass(NotFound, FatalServerError)
 
 
@@ -154,7 +155,7 @@ def test_error_message_never_carries_other_bodies_or_query_values() -> None:
         )
     text = str(info.value)
     assert "secret-patient-name" not in text and "Jane" not in text and "pw" not in text
-    assert info.value.issues == []
+    assert info.value.issues == ()
     assert info.value.url == "https://fhir.example.org/r4/Patient?name&birthdate"
 
 
@@ -343,7 +344,7 @@ def test_client_raises_mapped_errors_without_retry(rsps: responses.RequestsMock,
     client = make_client(sleeper)
     with pytest.raises(cls) as info:
         client.read("Patient", "1")
-    assert info.value.issues[0].startswith("error invalid")  # type: ignore[attr-defined]
+    assert info.value.summaries[0].startswith("error invalid")  # type: ignore[attr-defined]
     assert len(rsps.calls) == 1
 
 

@@ -21,6 +21,8 @@ from ruxo_fhir.errors import (
     FatalServerError,
     InputError,
     MappingError,
+    NotFound,
+    OutcomeIssue,
     RuxoError,
     ServerError,
     TemporaryServerError,
@@ -106,7 +108,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AuthError", "CapabilityError", "FatalServerError", "InputError", "MappingError", "RuxoError",
+    "AuthError", "CapabilityError", "FatalServerError", "InputError", "MappingError", "NotFound", "OutcomeIssue",
+    "RuxoError",
     "ServerError", "TemporaryServerError", "UsageError", "ValidationError", "__version__", "api",
     *sorted(_API_NAMES),
 ]

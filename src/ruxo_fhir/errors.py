@@ -1,6 +1,8 @@
 """One root exception and a small tree under it, classed by what the caller does next."""
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,22 +90,54 @@ class ValidationError(RuxoError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
+_WHITESPACE = re.compile(r"\s+")
+MAX_ISSUE_CHARS = 500
+
+
+def one_line(text: str, limit: int = MAX_ISSUE_CHARS) -> str:
+    """Whitespace folded to single spaces, cut to `limit` characters (an ellipsis marks the cut)."""
+    text = _WHITESPACE.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @dataclass(frozen=True)
 class OutcomeIssue:
     """One OperationOutcome issue as the server sent it, so callers decide on ``code`` and the
-    HTTP status rather than on the wording of ``diagnostics`` (which varies by server)."""
+    HTTP status rather than on the wording of ``diagnostics`` (which varies by server).
+
+    ``str(issue)`` (= ``summary``) is the one readable line messages and reports show.
+    """
 
     severity: str = ""
     code: str = ""
     diagnostics: str = ""
     expression: tuple[str, ...] = ()
 
+    @property
+    def summary(self) -> str:
+        """``severity code: diagnostics (at expression, ...)``; missing parts left out."""
+        line = " ".join(x for x in (self.severity, self.code) if x) or "issue"
+        if self.diagnostics:
+            line += f": {self.diagnostics}"
+        if self.expression:
+            line += f" (at {', '.join(self.expression)})"
+        return one_line(line)
+
+    def __str__(self) -> str:
+        return self.summary
+
+    def redacted(self) -> OutcomeIssue:
+        """The same issue with secrets and patient data a server may echo back taken out."""
+        return OutcomeIssue(redact(self.severity), redact(self.code), redact(self.diagnostics),
+                            tuple(redact(e) for e in self.expression))
+
 
 class ServerError(RuxoError):
     """A FHIR server refused or failed a request.
 
-    ``issues`` are readable summary lines (for messages); ``outcome`` holds the same issues
-    structured (severity, code, diagnostics, expression) for decisions.
+    ``issues`` are the OperationOutcome's issues, structured (severity, code, diagnostics,
+    expression) and redacted: decide on ``status`` and ``issue.code``; render ``summaries``
+    (or ``str(issue)``). ``outcome`` is the same tuple under its earlier name.
     """
 
     exit_code = 4
@@ -113,24 +147,29 @@ class ServerError(RuxoError):
         reason: str,
         *,
         status: int | None = None,
-        issues: list[str] | None = None,
+        issues: Iterable[OutcomeIssue] = (),
         case_id: str | None = None,
         url: str | None = None,
-        outcome: tuple[OutcomeIssue, ...] = (),
     ) -> None:
         self.reason = reason
         self.status = status
-        self.issues = [redact(i) for i in issues or []]
-        self.outcome = tuple(
-            OutcomeIssue(i.severity, i.code, redact(i.diagnostics), tuple(redact(e) for e in i.expression))
-            for i in outcome
-        )
+        self.issues: tuple[OutcomeIssue, ...] = tuple(i.redacted() for i in issues)
         self.case_id = case_id
         self.url = url
         head = f"HTTP {status}: " if status else ""
         tail = f" (case {case_id})" if case_id else ""
-        detail = f" — {'; '.join(self.issues)}" if self.issues else ""
+        detail = f" — {'; '.join(self.summaries)}" if self.issues else ""
         super().__init__(f"{head}{reason}{detail}{tail}")
+
+    @property
+    def summaries(self) -> list[str]:
+        """One readable line per issue (``severity code: diagnostics (at expression)``)."""
+        return [i.summary for i in self.issues]
+
+    @property
+    def outcome(self) -> tuple[OutcomeIssue, ...]:
+        """The structured issues (the earlier name of ``issues``)."""
+        return self.issues
 
 
 class TemporaryServerError(ServerError):

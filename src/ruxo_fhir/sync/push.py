@@ -23,7 +23,6 @@ import csv
 import io
 import logging
 import queue
-import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -37,6 +36,7 @@ from ruxo_fhir.bundle import make_bundle, put_entry
 from ruxo_fhir.errors import (
     CapabilityError,
     FatalServerError,
+    OutcomeIssue,
     ServerError,
     TemporaryServerError,
 )
@@ -101,13 +101,13 @@ def refused_as_too_big(exc: ServerError) -> bool:
     if exc.status not in _SIZE_STATUSES:
         return False
     return any(i.code == "too-costly" or (i.code == "too-long" and _at_bundle_level(i.expression))
-               for i in exc.outcome)
+               for i in exc.issues)
 
 
 def refused_transactions(exc: ServerError) -> bool:
     """The server refused the bundle TYPE: a `not-supported` issue about ``Bundle.type`` (or about no
     element at all), not an entry inside the transaction."""
-    return any(i.code == "not-supported" and _at_bundle_level(i.expression) for i in exc.outcome)
+    return any(i.code == "not-supported" and _at_bundle_level(i.expression) for i in exc.issues)
 
 
 def _at_bundle_level(expression: tuple[str, ...]) -> bool:
@@ -324,10 +324,12 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 # --- the pusher -------------------------------------------------------------------------
 
-def _outcome_lines(outcome: dict[str, Any] | None) -> list[str]:
-    from ruxo_fhir.transport.outcome import summarize_outcome
+def _entry_issues(response: dict[str, Any]) -> tuple[OutcomeIssue, ...]:
+    """The issues of a batch entry's `response.outcome` (none when it has no OperationOutcome)."""
+    from ruxo_fhir.transport.outcome import structured_issues
 
-    return summarize_outcome(outcome) if outcome else []
+    outcome = response.get("outcome")
+    return structured_issues(outcome) if isinstance(outcome, dict) else ()
 
 
 def _server_id_of(response: dict[str, Any], kind: str) -> str | None:
@@ -339,15 +341,30 @@ def _server_id_of(response: dict[str, Any], kind: str) -> str | None:
     return None
 
 
-# A refusal of a client-assigned id on PUT-create. FHIR R4 (http.html#update) answers 405;
-# HAPI's ClientIdStrategy NOT_ALLOWED answers 404 "HAPI-0959: No resource exists on this server
-# resource with ID[..], and client-assigned IDs are not enabled."; other servers word it their way.
-_CLIENT_IDS_REFUSED = re.compile(r"client[- ]?(assigned|defined|supplied|provided)|HAPI-0959|"
-                                 r"update[- ]?(as[- ]?)?create|upsert", re.I)
+# A refusal of a client-assigned id on a PUT that would create, decided on the HTTP status and the
+# OperationOutcome issue codes:
+# - 405, whatever the body: FHIR R4's own answer (http.html#update: "the resource did not exist
+#   prior to the update, and the server does not allow client defined ids");
+# - 404 with an issue coded `processing`, `exception` or `not-found` (none `not-supported`): HAPI
+#   FHIR 8.8 with client ids off (ClientIdStrategy NOT_ALLOWED) answers a PUT and a transaction
+#   404 `processing`, a batch entry 404 `exception` ("HAPI-0959: No resource exists on this server
+#   resource with ID[..], and client-assigned IDs are not enabled."; the shapes, captured from a
+#   real run, are in tests/test_push_decisions.py); the Medplum test front's `no_client_ids` answers
+#   the first shape. Those codes are HAPI's for any failure, so the 404 decides, and it can: push
+#   asks only about a write that would create, of a type the CapabilityStatement declares (checked
+#   before any write), which leaves out HAPI's other 404 on a PUT (HAPI-0302, unknown type).
+# The wording is not read: neither real server needs it (HAPI's message code says no more than its
+# 404 on a create does). A server that says this only in prose under another status gets the
+# entry rejected with its message, which names --ids server.
+_CLIENT_IDS_REFUSED_CODES = frozenset({"processing", "exception", "not-found"})
 
 
-def refuses_client_ids(status: int | None, text: str) -> bool:
-    return status == 405 or (status in (400, 403, 404, 409, 422) and bool(_CLIENT_IDS_REFUSED.search(text)))
+def refuses_client_ids(status: int | None, issues: Iterable[OutcomeIssue]) -> bool:
+    """A write that would create under a client-assigned id was refused for that reason."""
+    if status == 405:
+        return True
+    codes = {i.code for i in issues}
+    return status == 404 and bool(codes & _CLIENT_IDS_REFUSED_CODES) and "not-supported" not in codes
 
 
 class _ClientIdsRefused(Exception):
@@ -575,7 +592,7 @@ class Pusher:
             written = self.result.created + self.result.updated + self.result.unchanged
             raise CapabilityError(f"{exc.reason}; " + (f"{written} entries were written or confirmed before this, "
                                   "the rest not" if self.result.bundles_sent else "nothing was written"),
-                                  status=exc.status, issues=exc.issues, url=exc.url, outcome=exc.outcome) from None
+                                  status=exc.status, issues=exc.issues, url=exc.url) from None
         if self.opt.prune or self.opt.check_retractions:
             self._retractions()
         return self.result
@@ -839,8 +856,20 @@ class Pusher:
     def _push_chunk(self, chunk: list[Group], hashes: dict[str, str]) -> None:
         self.result.total += sum(len(g.resources) for g in chunk)
         chunk = [g for g in map(self._valid_group, chunk) if g is not None]
+        todo = self._to_send(chunk, hashes, first=True)
+        if todo:
+            if self._flight is not None:
+                self._flight.submit([r for g in todo for r in g.resources], lambda: self._send(todo, hashes))
+            else:
+                self._send(todo, hashes)
+
+    def _to_send(self, groups: list[Group], hashes: dict[str, str], *, first: bool) -> list[Group]:
+        """Settle what the decisions leave unwritten (a rejected case, unchanged or linked copies,
+        conflicts; a dry run counts the rest) and return the groups still to send. `first` is the
+        first look at these decisions (told to `on_decided`); a re-decision after a doubtful write
+        is not told again."""
         todo: list[Group] = []
-        for g in chunk:
+        for g in groups:
             reason = self.group_rejects.get(id(g))
             if reason:
                 self._reject_group(g, [reason], None)
@@ -848,7 +877,7 @@ class Pusher:
             send = []
             for res in g.resources:
                 d = self.decisions[self._key(res)]
-                if self.on_decided:
+                if first and self.on_decided:
                     self.on_decided(res, d.action)
                 if d.action in ("unchanged", "linked"):
                     self.result.count(res["resourceType"], "unchanged")
@@ -862,11 +891,7 @@ class Pusher:
                     send.append(res)
             if send:
                 todo.append(Group(g.case_id, send))
-        if todo:
-            if self._flight is not None:
-                self._flight.submit([r for g in todo for r in g.resources], lambda: self._send(todo, hashes))
-            else:
-                self._send(todo, hashes)
+        return todo
 
     def _valid_group(self, group: Group) -> Group | None:
         """Local validation before sending (the same rules as import), rejected as the server
@@ -994,10 +1019,9 @@ class Pusher:
             self._redecide(groups, hashes, redo)
             return
         except FatalServerError as exc:
-            text = " ".join(exc.issues) + " " + exc.reason
-            if self.ids == "client" and refuses_client_ids(exc.status, text) and any(
+            if self.ids == "client" and refuses_client_ids(exc.status, exc.issues) and any(
                     self.decisions[self._key(r)].action == "create" for r in resources):
-                raise _ClientIdsRefused(f"HTTP {exc.status}: {(exc.issues or [exc.reason])[0]}") from None
+                raise _ClientIdsRefused(f"HTTP {exc.status}: {(exc.summaries or [exc.reason])[0]}") from None
             if self._too_big(exc) and self._shrink(groups, hashes, f"HTTP {exc.status}"):
                 return
             if self.result.mode == "batch":  # another sending thread switched meanwhile
@@ -1015,7 +1039,7 @@ class Pusher:
             if exc.status == 412 and redo == 0:  # changed between our read and our write
                 self._redecide(groups, hashes, redo)
                 return
-            self._reject_group(groups[0], exc.issues or [exc.reason], exc.status)
+            self._reject_group(groups[0], exc.summaries or [exc.reason], exc.status)
             return
         entries = response.get("entry", [])
         if len(entries) != len(resources):
@@ -1027,24 +1051,7 @@ class Pusher:
         """Read the server's copies again for these groups and send what is still to do."""
         saved_decisions, saved_rejects = dict(self.decisions), dict(self.group_rejects)
         self._decide(groups)
-        todo: list[Group] = []
-        for g in groups:
-            reason = self.group_rejects.get(id(g))
-            if reason:
-                self._reject_group(g, [reason], None)
-                continue
-            send = []
-            for res in g.resources:
-                d = self.decisions[self._key(res)]
-                if d.action in ("unchanged", "linked"):
-                    self.result.count(res["resourceType"], "unchanged")
-                    self._learn(res, d, hashes)
-                elif d.action == "conflict":
-                    self._conflict(res, g.case_id, d)
-                else:
-                    send.append(res)
-            if send:
-                todo.append(Group(g.case_id, send))
+        todo = self._to_send(groups, hashes, first=False)
         if todo:
             if self.result.mode == "transaction":
                 self._send_transaction(todo, hashes, redo + 1)
@@ -1110,8 +1117,9 @@ class Pusher:
                 elif status in TEMPORARY_STATUSES and not last:
                     retry.append(res)
                 else:
-                    lines = _outcome_lines(resp.get("outcome")) or [f"HTTP {status or '?'}"]
-                    if self.ids == "client" and refuses_client_ids(status, " ".join(lines)) \
+                    issues = _entry_issues(resp)
+                    lines = [i.summary for i in issues] or [f"HTTP {status or '?'}"]
+                    if self.ids == "client" and refuses_client_ids(status, issues) \
                             and self.decisions[self._key(res)].action == "create":
                         self._record(ok_res, ok_entries, hashes)
                         raise _ClientIdsRefused(f"HTTP {status}: {lines[0]}")

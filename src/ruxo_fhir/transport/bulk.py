@@ -69,7 +69,7 @@ def kick_off_export(
     except FatalServerError as exc:
         if exc.status in _UNSUPPORTED_STATUSES:
             raise CapabilityError(
-                "server does not support $export", status=exc.status, issues=exc.issues, url=exc.url, outcome=exc.outcome
+                "server does not support $export", status=exc.status, issues=exc.issues, url=exc.url
             ) from exc
         raise
     location = resp.headers.get("Content-Location")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import http
 import json
-import re
 from collections.abc import Mapping
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
 from ruxo_fhir.errors import AuthError, FatalServerError, NotFound, OutcomeIssue, ServerError, TemporaryServerError
+from ruxo_fhir.errors import one_line as _one_line
 
 # Statuses worth retrying with backoff. 408/429/502/503/504 are transient by definition. 500 is
 # included on field evidence (cumulus-fhir-support retries it for the same reason): some EHRs
@@ -19,9 +19,7 @@ TEMPORARY_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_STATUSES: frozenset[int] = frozenset({401, 403})
 NOT_FOUND_STATUSES: frozenset[int] = frozenset({404, 410})
 
-_MAX_ISSUE_CHARS = 500
 _MAX_OUTCOME_BYTES = 2_000_000
-_WHITESPACE = re.compile(r"\s+")
 
 
 def summarize_outcome(oo: Mapping[str, Any]) -> list[str]:
@@ -31,14 +29,11 @@ def summarize_outcome(oo: Mapping[str, Any]) -> list[str]:
     ``diagnostics``, and the deprecated ``location`` for ``expression``. Anything that is not an
     OperationOutcome-shaped mapping gives no lines.
     """
-    issues = oo.get("issue") if isinstance(oo, Mapping) else None
-    if not isinstance(issues, list):
-        return []
-    return [_issue_line(issue) for issue in issues if isinstance(issue, Mapping)]
+    return [issue.summary for issue in structured_issues(oo)]
 
 
 def structured_issues(oo: Mapping[str, Any]) -> tuple[OutcomeIssue, ...]:
-    """The OperationOutcome's issues as OutcomeIssue values (same fallbacks as the summary lines)."""
+    """The OperationOutcome's issues as OutcomeIssue values (fallbacks: see summarize_outcome)."""
     issues = oo.get("issue") if isinstance(oo, Mapping) else None
     if not isinstance(issues, list):
         return ()
@@ -65,18 +60,6 @@ def _text(value: object) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def _issue_line(issue: Mapping[str, Any]) -> str:
-    head = " ".join(str(issue[k]) for k in ("severity", "code") if isinstance(issue.get(k), str))
-    text = _issue_text(issue)
-    where = _issue_where(issue)
-    line = head or "issue"
-    if text:
-        line += f": {text}"
-    if where:
-        line += f" (at {where})"
-    return _one_line(line)
-
-
 def _issue_text(issue: Mapping[str, Any]) -> str:
     diagnostics = issue.get("diagnostics")
     if isinstance(diagnostics, str) and diagnostics.strip():
@@ -92,21 +75,6 @@ def _issue_text(issue: Mapping[str, Any]) -> str:
                 if isinstance(coding.get(key), str):
                     return str(coding[key])
     return ""
-
-
-def _issue_where(issue: Mapping[str, Any]) -> str:
-    for key in ("expression", "location"):
-        values = issue.get(key)
-        if isinstance(values, list):
-            found = [v for v in values if isinstance(v, str)]
-            if found:
-                return ", ".join(found)
-    return ""
-
-
-def _one_line(text: str) -> str:
-    text = _WHITESPACE.sub(" ", text).strip()
-    return text if len(text) <= _MAX_ISSUE_CHARS else text[: _MAX_ISSUE_CHARS - 1] + "…"
 
 
 def redact_url(url: str) -> str:
@@ -191,8 +159,9 @@ def raise_for_response(
     """Raise the matching ServerError for an error status (>= 400); return quietly otherwise.
 
     408/429/500/502/503/504 → TemporaryServerError, 401/403 → AuthError, 404/410 → NotFound,
-    any other 4xx/5xx → FatalServerError. When the body is an OperationOutcome, ``outcome`` holds
-    its issues structured and ``issues`` their summary lines; the message never carries other body content, request bodies, tokens or query values.
+    any other 4xx/5xx → FatalServerError. When the body is an OperationOutcome, ``issues`` holds
+    its issues structured (``summaries`` their lines); the message never carries other body
+    content, request bodies, tokens or query values.
     """
     if status < 400:
         return
@@ -205,8 +174,7 @@ def _raise(status: int, headers: Mapping[str, str], body: bytes, url: str, case_
     raise cls(
         _reason(status, headers, url),
         status=status,
-        issues=summarize_outcome(doc) if doc is not None else [],
-        outcome=structured_issues(doc) if doc is not None else (),
+        issues=structured_issues(doc) if doc is not None else (),
         case_id=case_id,
         url=redact_url(url),
     )
