@@ -1,6 +1,8 @@
 """EHR mode end to end (issue 12): server-assigned ids, linking to the EHR's Patients, no lost
-updates, retractions -- the CLI in a subprocess against the real test engine, which refuses
-client-assigned ids (`no_client_ids`, as HAPI's NOT_ALLOWED strategy and Epic do).
+updates, retractions -- the CLI in a subprocess against both real engines, Medplum
+(tests/fhir_server) and HAPI FHIR JPA (tests/hapi_server), refusing client-assigned ids where the
+test is about server-assigned ids (HAPI's own NOT_ALLOWED strategy; Medplum front `no_client_ids`,
+as Epic does).
 
 What the server holds is read with plain HTTP or the admin API, never through the code under test.
 """
@@ -16,6 +18,7 @@ import pytest
 import requests
 from e2e_cli import Run as BaseRun
 from e2e_cli import run_cli
+from engines import both_engines_fixture
 from fhirserver import TestFhirServer
 from helpers import DEFAULT_MAPPING, EXAMPLE_CSV, PATIENT_SYSTEM
 
@@ -25,6 +28,7 @@ RESOURCE_SYSTEM = "https://ruxo-fhir.example/sid/case-resource"
 CASE_SYSTEM = "https://ruxo-fhir.example/sid/case-id"
 MRN = "https://hospital.example/sid/mrn"
 SUMMARY = re.compile(r"created (\d+), updated (\d+), unchanged (\d+), conflict (\d+), rejected (\d+), total (\d+)")
+fhir_server = both_engines_fixture()  # Medplum and HAPI FHIR JPA
 EXAMPLE_COUNTS = {"AdverseEvent": 1, "Condition": 12, "MedicationStatement": 32, "Observation": 17, "Patient": 12}
 
 
@@ -45,10 +49,24 @@ def state(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
+def engine(server: TestFhirServer) -> str:
+    return str(getattr(server, "engine", "medplum"))
+
+
+def like_an_ehr(server: TestFhirServer, *, client_ids: bool = False) -> None:
+    """Serial version ids and references checked (HAPI does both by itself; the Medplum front is
+    switched to), client-assigned ids refused unless `client_ids`."""
+    switches: dict[str, Any] = {} if client_ids else {"no_client_ids": True}
+    if engine(server) == "medplum":
+        switches.update(version_ids="serial", referential_integrity=True)
+    if switches:
+        server.configure(**switches)
+
+
 @pytest.fixture
 def ehr(fhir_server: TestFhirServer) -> TestFhirServer:
     """An EHR-like server: client-assigned ids refused, serial version ids, references checked."""
-    fhir_server.configure(no_client_ids=True, version_ids="serial", referential_integrity=True)
+    like_an_ehr(fhir_server)
     return fhir_server
 
 
@@ -140,8 +158,16 @@ def test_auto_picks_server_ids_and_says_so_once(ehr: TestFhirServer, state: Path
     run = cli("push", EXAMPLE_CSV, "--server", ehr.base_url, state=state)
     assert run.exit_code == 0, run
     said = [ln for ln in run.lines if "server-assigned ids" in ln]
-    assert len(said) == 1 and "updateCreate false" in said[0], run
+    # the reason is whichever the engine gives first: its statement (Medplum front: updateCreate
+    # false) or, where the statement does not say so (HAPI keeps updateCreate true whatever its id
+    # strategy), the refusal of the first PUT-create -- which then wrote nothing
+    statement = requests.get(f"{ehr.base_url}/metadata", headers={"Accept": FHIR_JSON}, timeout=30).json()
+    declared = [r.get("updateCreate") for rest in statement.get("rest", []) for r in rest.get("resource", [])
+                if r.get("type") in EXAMPLE_COUNTS]
+    reason = "updateCreate false" if False in declared else "refused a client-assigned id"
+    assert len(said) == 1 and reason in said[0], run
     assert run.summary()["created"] == 74 and counts(ehr) == EXAMPLE_COUNTS
+    assert ehr.stats()["entries_written"] == 74
 
 
 def test_ids_client_against_a_server_refusing_them_is_one_line(ehr: TestFhirServer, state: Path) -> None:
@@ -210,10 +236,7 @@ def ehr_patients(server: TestFhirServer, mrns: list[str]) -> dict[str, dict[str,
 @pytest.mark.parametrize("ids", ["server", "client"])
 def test_link_mode_references_existing_patients_never_writes_them(
         fhir_server: TestFhirServer, state: Path, tmp_path: Path, ids: str) -> None:
-    if ids == "server":
-        fhir_server.configure(no_client_ids=True, referential_integrity=True)
-    else:
-        fhir_server.configure(referential_integrity=True)
+    like_an_ehr(fhir_server, client_ids=ids == "client")
     mapping = mapping_with(tmp_path, f"patients:\n  mode: link\n  match_system: {MRN}\n")
     existing = ehr_patients(fhir_server, [f"P{i:02d}" for i in range(1, 12)])  # P12 unknown to the EHR
     before = {mrn: (p["meta"]["versionId"], p["meta"]["lastUpdated"]) for mrn, p in existing.items()}
@@ -305,7 +328,7 @@ def test_server_edit_survives_repush_as_a_conflict_dry_run_shows_it(ehr: TestFhi
 def test_two_teams_same_identifiers_second_gets_conflicts_first_untouched(
         fhir_server: TestFhirServer, tmp_path: Path, ids: str) -> None:
     if ids == "server":
-        fhir_server.configure(no_client_ids=True)
+        fhir_server.configure(no_client_ids=True)  # HAPI: its NOT_ALLOWED id strategy
     team_a = cli("push", EXAMPLE_CSV, "--server", fhir_server.base_url, "--ids", ids, state=tmp_path / "a")
     assert team_a.exit_code == 0, team_a
     before = {k: sorted(json.dumps(r, sort_keys=True) for r in search_all(fhir_server, k)) for k in EXAMPLE_COUNTS}

@@ -676,6 +676,8 @@ class Pusher:
     def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
         if self._flight is not None:  # the previous window's bundles land before its decisions go
             self._flight.finish()
+        if self.opt.ids == "auto" and self.ids == "client":
+            self._remembered_server_ids(window)
         self._preflight({key.split("/", 1)[0] for key in hashes})
         saved = self.result.snapshot()
         try:
@@ -693,6 +695,21 @@ class Pusher:
             self._decide([g for chunk in window for g in chunk])
             for chunk in window:
                 self._push_chunk(chunk, hashes)
+
+    def _remembered_server_ids(self, window: list[list[Group]]) -> None:
+        """`auto` where the statement is silent (HAPI says updateCreate true whatever its id
+        strategy): ids this workstation's ledger holds that the server chose, not ours, mean the
+        resources live under server-assigned ids -- a dry run (which never meets the refusal of a
+        PUT-create) plans with them, and a push never writes derived-id duplicates."""
+        if self.ledger is None:
+            return
+        derived = {ident.key: str(r.get("id")) for chunk in window for g in chunk for r in g.resources
+                   for ident in [self._identity(r)] if ident.system}
+        assigned = [k for k, w in self.ledger.written(self.server, derived).items()
+                    if w.server_id and w.server_id != derived[k]]
+        if assigned:
+            self._use_server_ids("the server assigned the ids of what this workstation pushed there before "
+                                 "(push ledger)")
 
     def _notice(self, text: str) -> None:
         log.warning(text)
@@ -863,11 +880,13 @@ class Pusher:
             else:
                 self._send(todo, hashes)
 
-    def _to_send(self, groups: list[Group], hashes: dict[str, str], *, first: bool) -> list[Group]:
+    def _to_send(self, groups: list[Group], hashes: dict[str, str], *, first: bool,
+                 landed: dict[str, Decision] | None = None) -> list[Group]:
         """Settle what the decisions leave unwritten (a rejected case, unchanged or linked copies,
         conflicts; a dry run counts the rest) and return the groups still to send. `first` is the
         first look at these decisions (told to `on_decided`); a re-decision after a doubtful write
-        is not told again."""
+        is not told again. `landed`: the decisions before a lost reply -- a copy now equal to ours
+        that was to be created or updated is that write, counted as its reply would have said."""
         todo: list[Group] = []
         for g in groups:
             reason = self.group_rejects.get(id(g))
@@ -880,7 +899,9 @@ class Pusher:
                 if first and self.on_decided:
                     self.on_decided(res, d.action)
                 if d.action in ("unchanged", "linked"):
-                    self.result.count(res["resourceType"], "unchanged")
+                    before = (landed or {}).get(self._key(res))
+                    wrote = d.action == "unchanged" and before is not None and before.action in ("create", "update")
+                    self.result.count(res["resourceType"], f"{before.action}d" if wrote and before else "unchanged")
                     self._learn(res, d, hashes)
                     self.on_progress(1)
                 elif d.action == "conflict":
@@ -1016,7 +1037,7 @@ class Pusher:
             if idempotent or redo >= 3:
                 raise
             # a create without ifNoneExist may or may not have landed: look again, then resend
-            self._redecide(groups, hashes, redo)
+            self._redecide(groups, hashes, redo, lost_reply=True)
             return
         except FatalServerError as exc:
             if self.ids == "client" and refuses_client_ids(exc.status, exc.issues) and any(
@@ -1047,11 +1068,16 @@ class Pusher:
         self._record(resources, entries, hashes)
         log.info("push: transaction of %d entries landed", len(resources))
 
-    def _redecide(self, groups: list[Group], hashes: dict[str, str], redo: int) -> None:
-        """Read the server's copies again for these groups and send what is still to do."""
+    def _redecide(self, groups: list[Group], hashes: dict[str, str], redo: int, *, lost_reply: bool = False) -> None:
+        """Read the server's copies again for these groups and send what is still to do.
+
+        After a lost reply (`lost_reply`), a copy now equal to ours that was to be created or
+        updated is this run's write that landed: counted as created/updated, as its reply would
+        have said (HAPI's AdverseEvent, which R4 cannot search by identifier, is created by a
+        plain POST and comes back this way)."""
         saved_decisions, saved_rejects = dict(self.decisions), dict(self.group_rejects)
         self._decide(groups)
-        todo = self._to_send(groups, hashes, first=False)
+        todo = self._to_send(groups, hashes, first=False, landed=saved_decisions if lost_reply else None)
         if todo:
             if self.result.mode == "transaction":
                 self._send_transaction(todo, hashes, redo + 1)
