@@ -1103,6 +1103,19 @@ class Pusher:
                 slept += delay
                 attempt += 1
 
+    def _look_again(self, part: list[Resource], hashes: dict[str, str],
+                    case_of_key: dict[str, str | None]) -> list[Resource]:
+        """A batch whose reply was lost and that cannot be resent blindly: read the server's
+        copies of its entries again; what landed is counted as written, the rest goes again."""
+        groups = [Group(case_of_key.get(self._key(r)), [r]) for r in part]
+        saved_decisions, saved_rejects = dict(self.decisions), dict(self.group_rejects)
+        self._decide(groups)
+        todo = self._to_send(groups, hashes, first=False, landed=saved_decisions)
+        saved_decisions.update(self.decisions)
+        saved_rejects.update(self.group_rejects)
+        self.decisions, self.group_rejects = saved_decisions, saved_rejects
+        return [r for g in todo for r in g.resources]
+
     def _retry_policy(self) -> RetryPolicy:
         if self.opt.retry is not None:
             return self.opt.retry
@@ -1117,9 +1130,16 @@ class Pusher:
         for i in range(0, len(resources), size):
             part = resources[i:i + size]
             bundle = make_bundle([self._entry(r, None) for r in part], "batch")
+            idempotent = self._idempotent(part)
             try:
                 self.result.bundles_sent += 1
-                response = self.client.post_bundle(bundle, idempotent=self._idempotent(part))
+                response = self.client.post_bundle(bundle, idempotent=idempotent)
+            except TemporaryServerError:
+                if idempotent or last:
+                    raise
+                # a plain POST (no ifNoneExist: HAPI's AdverseEvent) may or may not have landed
+                retry.extend(self._look_again(part, hashes, case_of_key))
+                continue
             except FatalServerError as exc:
                 if self._too_big(exc) and len(part) > 1:
                     new_size = max(1, len(part) // 2)
