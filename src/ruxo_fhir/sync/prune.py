@@ -22,7 +22,7 @@ from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.identity import identity_of
 from ruxo_fhir.sync.ledger import Ledger, Written
-from ruxo_fhir.sync.pull import pull_cohort
+from ruxo_fhir.sync.pull import BY_SUBJECT_TYPES, PART_TYPES, pull_cohort
 from ruxo_fhir.sync.replies import http_reply
 
 log = logging.getLogger("ruxo_fhir.sync")
@@ -60,6 +60,30 @@ class PruneResult:
     @property
     def percent(self) -> float:
         return 100.0 * len(self.found) / self.cohort if self.cohort else 0.0
+
+
+def cohort_counts(client: Client, mapping: MappingSpec, kinds: Iterable[str] = PART_TYPES) -> dict[str, int] | None:
+    """Per type, how many resources on the server carry the mapping's case or per-resource
+    identifier system (entered-in-error ones included): one `_summary=count` search each.
+    Types R4 gives no `identifier` search (AdverseEvent; pull finds them by subject) are counted
+    whole: a larger count than ours then only means reading the cohort. None when a server
+    answers without a `total` or refuses the search."""
+    sys = mapping.identifier_systems
+    out: dict[str, int] = {}
+    for kind in kinds:
+        params = {"_summary": "count"}
+        if kind not in BY_SUBJECT_TYPES:
+            params["identifier"] = f"{sys.case}|,{sys.resource}|"
+        try:
+            bundle = next(iter(client.search_bundles(kind, params, max_pages=1)), None)
+        except ServerError as exc:
+            log.info("push: counting %s on the server failed (%s); reading the cohort instead", kind, exc)
+            return None
+        total = bundle.get("total") if isinstance(bundle, dict) else None
+        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+            return None
+        out[kind] = total
+    return out
 
 
 def find_retractable(client: Client, mapping: MappingSpec, produced: set[str], cases: set[str]) -> PruneResult:

@@ -75,6 +75,7 @@ from ruxo_fhir.sync.identity import (
     what_differs,
 )
 from ruxo_fhir.sync.ledger import Ledger, Written, content_hash
+from ruxo_fhir.sync.pull import PART_TYPES
 from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
 from ruxo_fhir.transport.outcome import TEMPORARY_STATUSES
 from ruxo_fhir.transport.rest import RetryPolicy
@@ -623,6 +624,8 @@ class Pusher:
                 self.result.prune_refused = (f"--prune refused: the server declares no search for "
                                              f"{', '.join(blind)}, so the cohort on it cannot be read")
             return
+        if self._cohort_is_ours():
+            return
         found = find_retractable(self.client, self.mapping, self.produced, self.cases)
         self.result.cohort_on_server = found.cohort
         self.result.retractable = [r.line() for r in found.found]
@@ -647,6 +650,34 @@ class Pusher:
         retract(self.client, found.found, found, self.ledger)
         self.result.retracted = found.retracted
         self.result.errors.extend(found.errors)
+
+    def _cohort_is_ours(self) -> bool:
+        """Whether the server holds exactly what this push produced, told by one count per type
+        instead of reading the whole cohort back (which costs as much as the push on a large one).
+
+        Only after a push that landed everything it produced (nothing rejected, no conflict, no
+        error, not a dry run): then every produced resource is on the server with our systems, so
+        equal counts mean equal sets; anything else on the server (a removed case, an
+        entered-in-error copy, an outcome write-back, a duplicate) makes a count larger, and
+        any doubt reads the cohort as before."""
+        from ruxo_fhir.sync.prune import cohort_counts
+
+        r, sys = self.result, self.mapping.identifier_systems
+        if self.opt.dry_run or r.rejected or r.conflict or r.errors or not self.produced:
+            return False
+        expected: Counter[str] = Counter()
+        for key in self.produced:
+            kind, system, _ = key.split("|", 2)
+            if kind != "Patient" and system in (sys.case, sys.resource):
+                expected[kind] += 1
+        kinds = [k for k in PART_TYPES if k in self.caps.resources or k in expected]
+        if set(expected) - set(kinds):
+            return False
+        counts = cohort_counts(self.client, self.mapping, kinds)
+        if counts is None or any(counts[k] != expected[k] for k in kinds):
+            return False
+        r.cohort_on_server = sum(expected.values())
+        return True
 
     def _preflight(self, types: set[str]) -> None:
         """The capability pre-flight, before the first write of each type (for the id strategy
