@@ -25,15 +25,10 @@ SERVER_FIXTURES = frozenset({"fhir_server", "fhir_server_session", "hapi_server"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Server fixtures -> `e2e`; ``@pytest.mark.hapi_xfail(reason=...)``: the HAPI variant of an
-    engine-parametrized test becomes xfail(strict=True)."""
+    """Server fixtures -> `e2e`."""
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-        mark = item.get_closest_marker("hapi_xfail")
-        callspec = getattr(item, "callspec", None)
-        if mark is not None and callspec is not None and callspec.params.get("any_server") == "hapi":
-            item.add_marker(pytest.mark.xfail(strict=True, reason=mark.kwargs.get("reason", "issue 11")))
 
 
 @pytest.fixture(scope="session")
