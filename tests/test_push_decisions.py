@@ -104,3 +104,35 @@ FRONT = OutcomeIssue("error", "processing", "No resource exists on this server r
 def test_client_ids_refusal_is_status_and_issue_code(status: int, issues: tuple[OutcomeIssue, ...],
                                                      expected: bool) -> None:
     assert refuses_client_ids(status, issues) is expected
+
+
+# --- the removed-case check by counts ----------------------------------------------------------
+def test_cohort_counts_ask_one_count_per_type_and_give_up_on_any_doubt() -> None:
+    """`_summary=count` by the mapping's identifier systems (AdverseEvent, which R4 cannot search
+    by identifier, counted whole); a reply without `total` or a refused search means "read the
+    cohort" (None), never a guessed 0."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import responses
+
+    from ruxo_fhir.mapping.spec import load_mapping
+    from ruxo_fhir.sync.prune import cohort_counts
+    from ruxo_fhir.transport.rest import FhirClient, RetryPolicy
+
+    mapping = load_mapping()
+    sys = mapping.identifier_systems
+    count = {"resourceType": "Bundle", "type": "searchset", "total": 3}
+    with responses.RequestsMock() as rsps, FhirClient(BASE, retry=RetryPolicy(max_attempts=1)) as client:
+        rsps.get(f"{BASE}/Condition", json=count)
+        rsps.get(f"{BASE}/AdverseEvent", json={**count, "total": 1})
+        assert cohort_counts(client, mapping, ["Condition", "AdverseEvent"]) == {"Condition": 3, "AdverseEvent": 1}
+        sent = [parse_qs(urlsplit(str(c.request.url)).query) for c in rsps.calls]
+        assert sent[0] == {"_summary": ["count"], "identifier": [f"{sys.case}|,{sys.resource}|"]}
+        assert sent[1] == {"_summary": ["count"]}
+    with responses.RequestsMock() as rsps, FhirClient(BASE, retry=RetryPolicy(max_attempts=1)) as client:
+        rsps.get(f"{BASE}/Condition", json={"resourceType": "Bundle", "type": "searchset"})
+        assert cohort_counts(client, mapping, ["Condition"]) is None
+    with responses.RequestsMock() as rsps, FhirClient(BASE, retry=RetryPolicy(max_attempts=1)) as client:
+        rsps.get(f"{BASE}/Condition", status=400, json={"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "not-supported", "diagnostics": "_summary=count is not supported"}]})
+        assert cohort_counts(client, mapping, ["Condition"]) is None
