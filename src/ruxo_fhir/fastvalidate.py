@@ -223,26 +223,36 @@ _UNION_TYPES: tuple[Any, ...] = (typing.Union, types.UnionType)
 
 
 class ModelIndex:
-    """Element descriptions per model class, read once from the field annotations."""
+    """Element descriptions per model class, read from the field annotations when first needed.
+
+    Only the elements a shape has are described: describing a complex element loads (and has
+    pydantic build) its model class, and a resource uses few of its type's elements."""
 
     def __init__(self) -> None:
         self.primitives = _primitives()
-        self._elements: dict[type, dict[str, Element]] = {}
+        self._fields: dict[type, dict[str, Any]] = {}
+        self._elements: dict[tuple[type, str], Element | None] = {}
 
-    def elements(self, cls: type) -> dict[str, Element]:
-        found = self._elements.get(cls)
+    def element(self, cls: type, key: str) -> Element | None:
+        """The element `key` (its JSON name) of `cls`; None when the class has no such element
+        (or the fast path handles none of its kind: comments, primitive extensions)."""
+        found = self._elements.get((cls, key), _MISSING)
+        if found is _MISSING:
+            annotation = self._annotations(cls).get(key, _MISSING)
+            found = None if annotation is _MISSING else self._describe(annotation)
+            self._elements[(cls, key)] = found
+        return found  # type: ignore[return-value]
+
+    def _annotations(self, cls: type) -> dict[str, Any]:
+        found = self._fields.get(cls)
         if found is None:
-            found = self._elements[cls] = self._describe_class(cls)
+            found = self._fields[cls] = {}
+            fields: dict[str, Any] = getattr(cls, "model_fields", {})
+            for name, info in fields.items():
+                if name == "fhir_comments" or name.endswith("__ext"):
+                    continue  # the fast path handles neither comments nor primitive extensions
+                found[info.alias or name] = info.annotation
         return found
-
-    def _describe_class(self, cls: type) -> dict[str, Element]:
-        out: dict[str, Element] = {}
-        fields: dict[str, Any] = getattr(cls, "model_fields", {})
-        for name, info in fields.items():
-            if name == "fhir_comments" or name.endswith("__ext"):
-                continue  # the fast path handles neither comments nor primitive extensions
-            out[info.alias or name] = self._describe(info.annotation)
-        return out
 
     def _describe(self, annotation: Any) -> Element:
         from fhir_core.types import FhirBase, FhirElementOrResourceBase
@@ -339,25 +349,31 @@ class _Compiler:
             concept = node.get("concept") if rule.type == "CodeableReference" else node
             codings = concept.get("coding") if rule.type != "Coding" and isinstance(concept, dict) else None
             if isinstance(codings, list) and codings and all(isinstance(c, dict) for c in codings):
-                # the shape fixes how many codings there are: one pair test each, inline
-                base = f"{var}['concept']" if rule.type == "CodeableReference" else var
+                # the shape fixes how many codings there are: one pair test each, inline, on the
+                # leaves the shape check has already read
+                base = (*path, "concept") if rule.type == "CodeableReference" else path
                 pairs = self.const(rule.pairs, "B")
-                tests = " or ".join(f"({base}['coding'][{i}].get('system'), {base}['coding'][{i}].get('code')) "
-                                    f"in {pairs}" for i in range(len(codings)))
+                tests = " or ".join(f"{self.pair((*base, 'coding', i))} in {pairs}" for i in range(len(codings)))
                 self.emit(f"if not ({tests}): return 2")
             else:
                 self.emit(f"if _bindp({self.const(rule, 'E')}, {var}) is not None: return 2")
+        # terminology: a memo lookup on the (system, code) leaves already read, the call only
+        # for a value not seen yet
         if trace.codings:
             memo = self.const(rules.coding_memo, "T")
         for path in trace.codings:
-            var = self.vars[path]
-            self.emit(f"if ({var}.get('system'), {var}.get('code')) not in {memo} and not _coding_ok({var}): return 2")
+            self.emit(f"if {self.pair(path)} not in {memo} and not _coding_ok({self.vars[path]}): return 2")
+        if trace.quantities:
+            memo = self.const(rules.quantity_memo, "T")
         for path in trace.quantities:
-            self.emit(f"if not _quantity_ok({self.vars[path]}): return 2")
+            self.emit(f"if {self.pair(path)} not in {memo} and not _quantity_ok({self.vars[path]}): return 2")
         for path in trace.languages:
             self.emit(f"if not _bcp47({self.vars[path]}): return 2")
+        if trace.identifiers:
+            memo = self.const(rules.system_memo, "T")
         for path in trace.identifiers:
-            self.emit(f"if not _idsys_ok({self.vars[path]}): return 2")
+            self.emit(f"if {self.leaf_var((*path, 'system'))} not in {memo} and not _idsys_ok({self.vars[path]}): "
+                      "return 2")
         for path, inv in trace.invariants:
             node = _at(resource, path)
             if inv.shape_proof(node, resource):
@@ -368,19 +384,34 @@ class _Compiler:
                 continue
             var, const = self.vars[path], self.const(inv, "I")
             native = rules.natives.get(inv.key)
+            absent = _ABSENT_PROVES.get(inv.key)
+            if absent is not None and absent not in node:
+                continue  # the native prover holds whenever the key is absent, and the shape fixes that
             if inv.key == "ref-1" and isinstance(node.get("reference"), str):  # the common case, inline
-                self.emit(f"if {var}['reference'][:1] == '#' and not _inv({const}, {var}, r): return 2")
+                self.emit(f"if {self.leaf_var((*path, 'reference'))}[:1] == '#' and not _inv({const}, {var}, r): "
+                          "return 2")
+            elif inv.key in _NON_NEGATIVE and type(node.get(absent)) in (int, float):
+                # tim-4/tim-5 on a number leaf (its JSON type fixed by the shape), inline
+                self.emit(f"if not ({self.leaf_var((*path, absent))} >= 0 or _inv({const}, {var}, r)): return 2")
             elif native is not None:
                 self.emit(f"if not ({self.const(native, 'N')}({var}, r) or _inv({const}, {var}, r)): return 2")
             else:
                 self.emit(f"if not _inv({const}, {var}, r): return 2")
         self.env.update(rules.env)
 
+    def leaf_var(self, path: tuple[Any, ...]) -> str:
+        """The variable the shape check read the node at `path` into; "None" when the shape has
+        no such key (then `.get` would have answered None too)."""
+        return self.vars.get(path, "None")
+
+    def pair(self, path: tuple[Any, ...]) -> str:
+        """`(system, code)` of the Coding (or Quantity) at `path`, from the variables read."""
+        return f"({self.leaf_var((*path, 'system'))}, {self.leaf_var((*path, 'code'))})"
+
     def object_body(self, var: str, cls: type, obj: dict[str, Any], keys: list[str],
                     path: tuple[Any, ...]) -> None:
-        elements = self.index.elements(cls)
         for key in keys:
-            element = elements.get(key)
+            element = self.index.element(cls, key)
             if element is None or element.kind is None:
                 raise _Unsupported(key)
             value = obj[key]
@@ -468,8 +499,10 @@ class FastPath:
         self.rules = RuleChecks(rules) if rules is not None else None
         self.index = ModelIndex()
         self.memos: dict[str, set[str]] = {}
-        self._shapes: dict[tuple[str, tuple[str, ...]], list[ShapeCheck]] = {}
-        self._declined: dict[tuple[str, tuple[str, ...]], int] = {}
+        # the JSON keys of a resource (resourceType among them) -> its compiled shapes, most
+        # recently matched first; `Validator.validate` tries the first one inline
+        self.shapes: dict[tuple[str, ...], list[ShapeCheck]] = {}
+        self._declined: dict[tuple[str, ...], int] = {}
         self._leaves: dict[str, Check] = {}
         self._count = 0
         self.stats = FastStats()
@@ -478,7 +511,7 @@ class FastPath:
         """OK: proven valid; UNSURE: a known shape with a leaf not proven; MISMATCH: unknown shape."""
         if type(resource) is not dict:  # a dict subclass might answer missing keys (defaultdict)
             return MISMATCH
-        candidates = self._shapes.get((resource["resourceType"], tuple(resource)))
+        candidates = self.shapes.get(tuple(resource))
         if not candidates:
             return MISMATCH
         verdict = MISMATCH
@@ -503,8 +536,8 @@ class FastPath:
     def learn(self, cls: type, resource: Resource, trace: Trace | None = None) -> None:
         """Compile the shape of `resource`, which the model and the rules (`trace`: what they
         looked at) have just accepted without a finding."""
-        key = (resource["resourceType"], tuple(resource))
-        candidates = self._shapes.setdefault(key, [])
+        key = tuple(resource)
+        candidates = self.shapes.setdefault(key, [])
         declined = self._declined.get(key, 0)
         if len(candidates) >= MAX_SHAPES_PER_KEY or declined >= MAX_SHAPES_PER_KEY or self._count >= MAX_SHAPES:
             return
@@ -572,8 +605,19 @@ class RuleChecks:
                 return True
             return invariant.verdict(node, root) is not False
 
+        self.quantity_memo = quantities
+        self.system_memo = systems
         self.env: dict[str, Any] = {"_bcp47": terminology.bcp47_ok, "_bindp": conformance.binding_problem, "_coding_ok": coding_ok,
                                     "_quantity_ok": quantity_ok, "_idsys_ok": idsys_ok, "_inv": inv}
+
+
+# Native provers (conformance.NATIVE_PROVERS) that hold whenever their node lacks this key: for
+# a shape without the key the invariant is decided when the shape is compiled.
+_ABSENT_PROVES = {"ref-1": "reference", "con-5": "verificationStatus", "tim-4": "duration", "tim-5": "period"}
+_NON_NEGATIVE = frozenset({"tim-4", "tim-5"})
+
+
+_MISSING: Any = object()
 
 
 def _at(resource: Resource, path: tuple[Any, ...]) -> Any:

@@ -73,6 +73,13 @@ class Validator:
 
     def validate(self, resource: Resource) -> list[Problem]:
         """The errors of `resource` (empty: valid)."""
+        fast = self.fast
+        if fast is not None and type(resource) is dict:
+            # the hot path, inline: the most recently matched shape of these keys proves it valid
+            candidates = fast.shapes.get(tuple(resource))
+            if candidates and candidates[0](resource) == OK:
+                fast.stats.fast += 1
+                return []
         found = self.check(resource)
         return [p for p in found if p.severity == "error"] if found else found
 
