@@ -514,12 +514,15 @@ class FastPath:
         candidates = self.shapes.get(tuple(resource))
         if not candidates:
             return MISMATCH
-        verdict = MISMATCH
-        for i, shape in enumerate(candidates):
+        verdict = candidates[0](resource)
+        if verdict == OK or len(candidates) == 1:  # the common case: one shape, or the most frequent
+            return verdict
+        for i in range(1, len(candidates)):
+            shape = candidates[i]
             result = shape(resource)
             if result == OK:
-                if i:
-                    candidates.insert(0, candidates.pop(i))  # most recently used first
+                # one step forward: the order converges to the most frequent shapes first
+                candidates[i - 1], candidates[i] = shape, candidates[i - 1]
                 return OK
             if result == UNSURE:
                 verdict = UNSURE

@@ -74,17 +74,28 @@ class Validator:
     def validate(self, resource: Resource) -> list[Problem]:
         """The errors of `resource` (empty: valid)."""
         fast = self.fast
-        if fast is not None and type(resource) is dict:
-            # the hot path, inline: the most recently matched shape of these keys proves it valid
-            candidates = fast.shapes.get(tuple(resource))
-            if candidates and candidates[0](resource) == OK:
+        verdict = MISMATCH
+        if fast is not None:  # the hot path: a compiled shape proves most resources valid
+            verdict = fast.check(resource)
+            if verdict == OK:
                 fast.stats.fast += 1
                 return []
-        found = self.check(resource)
+        found = self._check(resource, verdict)
         return [p for p in found if p.severity == "error"] if found else found
 
     def check(self, resource: Resource) -> list[Problem]:
         """Errors and warnings of `resource`."""
+        fast = self.fast
+        verdict = MISMATCH
+        if fast is not None:
+            verdict = fast.check(resource)
+            if verdict == OK:
+                fast.stats.fast += 1
+                return []
+        return self._check(resource, verdict)
+
+    def _check(self, resource: Resource, verdict: int) -> list[Problem]:
+        """Errors and warnings of a resource the fast path did not prove valid (`verdict`)."""
         kind = resource.get("resourceType")
         if not isinstance(kind, str) or not kind:
             return [Problem(resource_label(resource), "resourceType", "missing resourceType")]
@@ -96,12 +107,7 @@ class Validator:
                 return [Problem(resource_label(resource), "resourceType",
                                 f"unknown resource type {kind!r} in FHIR {self.version}")]
         fast = self.fast
-        verdict = MISMATCH
         if fast is not None:
-            verdict = fast.check(resource)
-            if verdict == OK:
-                fast.stats.fast += 1
-                return []
             fast.stats.model += 1
         try:
             cls.model_validate(resource)
