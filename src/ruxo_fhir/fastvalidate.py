@@ -327,7 +327,12 @@ class _Compiler:
         self.object_body("r", cls, resource, keys, ())
         if rules is not None and trace is not None:
             self.rule_checks(rules, trace, resource)
-        source = ("def check(r):\n    try:\n" + "\n".join(self.lines)
+        # Structure first (reads, JSON types, key counts, list lengths: `return 1`), values after
+        # (`return 2`, which only read variables): a resource of another shape of the same keys
+        # is turned away before any value is tested.
+        lines = [line for line in self.lines if not line.endswith(": return 2")]
+        lines += [line for line in self.lines if line.endswith(": return 2")]
+        source = ("def check(r):\n    try:\n" + "\n".join(lines)
                   + "\n    except KeyError:\n        return 1\n    return 0\n")
         exec(compile(source, f"<fhir shape {resource.get('resourceType')}>", "exec"), self.env)
         check: ShapeCheck = self.env["check"]
