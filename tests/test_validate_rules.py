@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from validation_cases import KINDS
+from validation_cases import KINDS, _timing
 
 from ruxo_fhir.conformance import _structural, _tokens, rules_for
 from ruxo_fhir.fhir_version import VERSIONS
@@ -86,6 +86,40 @@ def test_a_broken_rule_in_a_known_shape_is_caught_after_the_shape_was_compiled(v
     assert [p.rule for p in v.validate(res)] == ["binding"]
     res["status"] = "amended"  # another code of the value set: valid, in the same shape
     assert v.fast.check(res) == OK
+
+
+# Values the compiled shapes check inline on the leaves they have read (fastvalidate's
+# rule_checks): each change keeps the shape, so the fast path meets it, and must answer as the
+# model-only path does, the first time and again once its memos hold the value.
+INLINE_RULES: list[tuple[str, str | None, Callable[[Resource], None]]] = [
+    ("Condition", None, lambda r: r["subject"].__setitem__("reference", "#p1")),  # ref-1, local
+    ("Condition", None, lambda r: r["subject"].__setitem__("reference", "Patient/other")),
+    ("Condition", None, lambda r: r["verificationStatus"]["coding"][0].__setitem__("code", "entered-in-error")),  # con-5
+    ("Condition", None, lambda r: r["code"]["coding"][0].__setitem__("system", "snomed")),  # coding memo
+    ("Condition", None, lambda r: r["identifier"][0].__setitem__("system", "mrn")),  # identifier system memo
+    ("Condition", None, lambda r: r["identifier"][0].__setitem__("system", "urn:oid:1.2.3")),
+    ("MedicationStatement", "dosage", lambda r: _timing(r).__setitem__("period", 0)),  # tim-5 inline
+    ("MedicationStatement", "dosage", lambda r: _timing(r).__setitem__("period", -0.5)),
+    ("MedicationStatement", "dosage", lambda r: _timing(r).__setitem__("period", 2.5)),
+    ("Observation", "valueQuantity", lambda r: r["valueQuantity"].__setitem__("code", "mg")),  # quantity memo
+    ("Observation", "valueQuantity", lambda r: r["valueQuantity"].__setitem__("code", "percent")),
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("kind,having,change", INLINE_RULES, ids=[f"{k}-{i}" for i, (k, _h, _c) in enumerate(INLINE_RULES)])
+def test_rules_checked_inline_by_a_shape_agree_with_the_model_path(version: str, kind: str, having: str | None,
+                                                                    change: Callable[[Resource], None]) -> None:
+    from ruxo_fhir.fastvalidate import MISMATCH
+
+    res = first(version, kind, having)
+    change(res)
+    v = warm(version)
+    assert v.fast is not None and v.fast.check(copy.deepcopy(res)) != MISMATCH  # a known shape
+    problems = both(version, res)
+    assert both(version, res) == problems  # the same again, with the memos filled
+    if version == "R4" and res.get("verificationStatus", {}).get("coding", [{}])[0].get("code") == "entered-in-error":
+        assert [p.rule for p in problems] == ["con-5"]
 
 
 # --- the pieces --------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources as importlib_resources
 from typing import Any
+
+import orjson
 
 from ruxo_fhir import terminology as term
 from ruxo_fhir.resource import Resource
@@ -419,43 +421,70 @@ def _choice_key(name: str, type_code: str) -> str:
     return base + type_code[:1].upper() + type_code[1:]
 
 
+class _TypeTable(Mapping[str, "TypeRules"]):
+    """The rules of each type, built from the JSON when the type is first met (an import meets a
+    handful of the types the file holds)."""
+
+    def __init__(self, raw: dict[str, Any], valuesets: dict[str, Any], version: str) -> None:
+        self._raw = raw
+        self._valuesets = valuesets
+        self._version = version
+        self._built: dict[str, TypeRules] = {}
+
+    def __getitem__(self, tname: str) -> TypeRules:
+        found = self._built.get(tname)
+        if found is None:
+            found = self._built[tname] = _type_rules(tname, self._raw[tname], self._valuesets, self._version)
+        return found
+
+    def __contains__(self, tname: object) -> bool:
+        return tname in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+def _type_rules(tname: str, tdata: dict[str, Any], valuesets: dict[str, Any], version: str) -> TypeRules:
+    keys: dict[str, dict[str, ElementRule]] = {"": {}}
+    elements: dict[str, list[ElementRule]] = {"": []}
+    for path, el in tdata["elements"].items():
+        prefix, _, name = path.rpartition(".")
+        codes = pairs = None
+        vs_url = el.get("binding")
+        if vs_url:
+            vs = valuesets[vs_url]["codes"]
+            codes = frozenset(c for cs in vs.values() for c in cs)
+            pairs = frozenset((s, c) for s, cs in vs.items() for c in cs)
+        types = el.get("types") or ["Element"]
+        first = None
+        for type_code in types:
+            key = _choice_key(name, type_code) if name.endswith("[x]") else name
+            rule = ElementRule(name, path, int(el["min"]), str(el["max"]), type_code,
+                               el.get("contentReference"), codes, pairs, vs_url)
+            keys.setdefault(prefix, {})[key] = rule
+            first = first or rule
+            keys.setdefault(path, {})
+            elements.setdefault(path, [])
+        if first is not None:
+            elements.setdefault(prefix, []).append(first)
+    invariants: dict[str, list[Invariant]] = {}
+    for c in tdata["constraints"]:
+        base = _FHIR_TYPES_FOR_BASE.get(tname, tname) + (f".{c['context']}" if c["context"] else "")
+        invariants.setdefault(c["context"], []).append(
+            Invariant(c["key"], c["severity"], c["human"], c["expression"], base, version))
+    return TypeRules(tname, keys, elements, invariants)
+
+
 class Rules:
     """The cardinality, binding and invariant rules of one FHIR version, plus terminology."""
 
     def __init__(self, data: dict[str, Any], version: str) -> None:
         self.version = version
         self.about = data.get("_about", {})
-        valuesets = data["valuesets"]
-        self.types: dict[str, TypeRules] = {}
-        for tname, tdata in data["types"].items():
-            keys: dict[str, dict[str, ElementRule]] = {"": {}}
-            elements: dict[str, list[ElementRule]] = {"": []}
-            for path, el in tdata["elements"].items():
-                prefix, _, name = path.rpartition(".")
-                codes = pairs = None
-                vs_url = el.get("binding")
-                if vs_url:
-                    vs = valuesets[vs_url]["codes"]
-                    codes = frozenset(c for cs in vs.values() for c in cs)
-                    pairs = frozenset((s, c) for s, cs in vs.items() for c in cs)
-                types = el.get("types") or ["Element"]
-                first = None
-                for type_code in types:
-                    key = _choice_key(name, type_code) if name.endswith("[x]") else name
-                    rule = ElementRule(name, path, int(el["min"]), str(el["max"]), type_code,
-                                       el.get("contentReference"), codes, pairs, vs_url)
-                    keys.setdefault(prefix, {})[key] = rule
-                    first = first or rule
-                    keys.setdefault(path, {})
-                    elements.setdefault(path, [])
-                if first is not None:
-                    elements.setdefault(prefix, []).append(first)
-            invariants: dict[str, list[Invariant]] = {}
-            for c in tdata["constraints"]:
-                base = _FHIR_TYPES_FOR_BASE.get(tname, tname) + (f".{c['context']}" if c["context"] else "")
-                invariants.setdefault(c["context"], []).append(
-                    Invariant(c["key"], c["severity"], c["human"], c["expression"], base, version))
-            self.types[tname] = TypeRules(tname, keys, elements, invariants)
+        self.types = _TypeTable(data["types"], data["valuesets"], version)
 
     def knows(self, resource_type: str) -> bool:
         return resource_type in self.types
@@ -617,5 +646,4 @@ def _parse_trees(version: str) -> dict[str, Any]:
 def rules_for(version: str) -> Rules:
     """The rules of `version` ("R4" or "R5"), loaded once from the package data."""
     data = importlib_resources.files("ruxo_fhir").joinpath("rules").joinpath(f"{version}.json")
-    text = data.read_text(encoding="utf-8")
-    return Rules(json.loads(text), version)
+    return Rules(orjson.loads(data.read_bytes()), version)

@@ -236,12 +236,10 @@ class ModelIndex:
     def element(self, cls: type, key: str) -> Element | None:
         """The element `key` (its JSON name) of `cls`; None when the class has no such element
         (or the fast path handles none of its kind: comments, primitive extensions)."""
-        found = self._elements.get((cls, key), _MISSING)
-        if found is _MISSING:
+        if (cls, key) not in self._elements:
             annotation = self._annotations(cls).get(key, _MISSING)
-            found = None if annotation is _MISSING else self._describe(annotation)
-            self._elements[(cls, key)] = found
-        return found  # type: ignore[return-value]
+            self._elements[(cls, key)] = None if annotation is _MISSING else self._describe(annotation)
+        return self._elements[(cls, key)]
 
     def _annotations(self, cls: type) -> dict[str, Any]:
         found = self._fields.get(cls)

@@ -8,13 +8,11 @@ writes; the output is byte-identical to `jobs=1` (same order, same bytes).
 """
 from __future__ import annotations
 
-import multiprocessing
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
@@ -29,6 +27,9 @@ from ruxo_fhir.records import CANONICAL_COLUMNS, Accepted, CaseReader, CaseRecor
 from ruxo_fhir.redact import redact
 from ruxo_fhir.resource import Resource
 from ruxo_fhir.validate import Problem, Validator
+
+if TYPE_CHECKING:  # multiprocessing is imported only for --jobs > 1
+    from multiprocessing.pool import AsyncResult
 
 REJECT_COLUMNS: tuple[str, ...] = (*CANONICAL_COLUMNS, "row", "error")
 CHUNK_ROWS = 200  # cases per worker task with jobs > 1
@@ -241,6 +242,8 @@ def _chunks(rows: Iterable[tuple[int, list[str]]], size: int) -> Iterator[_Rows]
 
 
 def _pool_context() -> Any:
+    import multiprocessing
+
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
