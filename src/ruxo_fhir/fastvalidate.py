@@ -396,6 +396,12 @@ class _Compiler:
             elif inv.key in _NON_NEGATIVE and type(node.get(absent)) in (int, float):
                 # tim-4/tim-5 on a number leaf (its JSON type fixed by the shape), inline
                 self.emit(f"if not ({self.leaf_var((*path, absent))} >= 0 or _inv({const}, {var}, r)): return 2")
+            elif inv.key == "con-5" and _codings(node.get("verificationStatus")):
+                # con-5's prover on the codes the shape has read: none of them says entered-in-error
+                status = (*path, "verificationStatus", "coding")
+                codes = " and ".join(f"{self.leaf_var((*status, i, 'code'))} != 'entered-in-error'"
+                                     for i in range(len(node["verificationStatus"]["coding"])))
+                self.emit(f"if not (({codes}) or _inv({const}, {var}, r)): return 2")
             elif native is not None:
                 self.emit(f"if not ({self.const(native, 'N')}({var}, r) or _inv({const}, {var}, r)): return 2")
             else:
@@ -624,6 +630,12 @@ _NON_NEGATIVE = frozenset({"tim-4", "tim-5"})
 
 
 _MISSING: Any = object()
+
+
+def _codings(concept: Any) -> bool:
+    """A CodeableConcept whose `coding` is a non-empty list of objects (what con-5's prover reads)."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    return isinstance(codings, list) and bool(codings) and all(isinstance(c, dict) for c in codings)
 
 
 def _at(resource: Resource, path: tuple[Any, ...]) -> Any:
