@@ -61,12 +61,12 @@ from ruxo_fhir.sync.capabilities import server_interactions as server_interactio
 from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.identity import (
     REFERENCED_TYPES,
+    CopyQuery,
     Identity,
     ServerCopy,
     as_written,
     find_by_id,
     find_by_identifier,
-    find_by_subject,
     identity_of,
     local_key,
     references,
@@ -77,6 +77,7 @@ from ruxo_fhir.sync.identity import (
 from ruxo_fhir.sync.ledger import Ledger, Written, content_hash
 from ruxo_fhir.sync.pull import PART_TYPES
 from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
+from ruxo_fhir.sync.searches import Searcher
 from ruxo_fhir.transport.outcome import TEMPORARY_STATUSES
 from ruxo_fhir.transport.rest import RetryPolicy
 
@@ -573,6 +574,9 @@ class Pusher:
                 raise CapabilityError("server does not support transactions; use --mode batch")
             self._switch_to_batch("server declares batch but not transaction")
         self.searchable = identifier_searchable(self.caps)
+        # the reads before writing: one batch of searches where the server declares `batch`,
+        # else plain GETs, as many at once as bundles may be in flight
+        self.searcher = Searcher(self.client, batch="batch" in interactions, workers=self.opt.concurrency)
         shared = shared_systems_warning(self.mapping, self.server)
         if shared:
             self._notice(shared)
@@ -673,7 +677,7 @@ class Pusher:
         kinds = [k for k in PART_TYPES if k in self.caps.resources or k in expected]
         if set(expected) - set(kinds):
             return False
-        counts = cohort_counts(self.client, self.mapping, kinds)
+        counts = cohort_counts(self.client, self.mapping, kinds, self.searcher)
         if counts is None or any(counts[k] != expected[k] for k in kinds):
             return False
         r.cohort_on_server = sum(expected.values())
@@ -791,31 +795,32 @@ class Pusher:
             if self.ids == "server" and not idents[self._key(r)].system:
                 self._reject_in(groups, r, f"{self._key(r)} carries no identifier of the mapping's systems; "
                                 "server-assigned ids need one")
-        found: dict[Identity, list[ServerCopy]] = {}
         blind = [r for r in resources if not self._can_search(r["resourceType"])]
         for r in blind:  # sent every time: PUT at its id, or a conditional create the server resolves
             self._decided(r, Decision("update" if self.ids == "client" else "create", idents[self._key(r)]))
         resources = [r for r in resources if self._can_search(r["resourceType"])]
+        # One read for every copy found by identifier or id (one batch request where the server
+        # takes one); by subject only after the Patients are decided (it needs their server ids).
+        query = CopyQuery()
+        query.by_identifier([idents[self._key(r)] for r in resources if self._by_identifier(r)
+                             and self.searchable.get(r["resourceType"], True)])
+        query.by_id({self._key(r): idents[self._key(r)] for r in resources if not self._by_identifier(r)})
+        found = query.run(self.searcher)
+        written = self.ledger.written(self.server, [i.key for i in idents.values()]) if self.ledger else {}
         patients = [r for r in resources if r["resourceType"] == "Patient"]
         others = [r for r in resources if r["resourceType"] != "Patient"]
-        for batch in (patients, others):
-            by_ident = [idents[self._key(r)] for r in batch if self._by_identifier(r)
-                        and self.searchable.get(r["resourceType"], True)]
-            found.update(find_by_identifier(self.client, by_ident) if by_ident else {})
-            by_subject = [r for r in batch if self._by_identifier(r) and not self.searchable.get(r["resourceType"], True)]
-            if by_subject:
-                kinds = {r["resourceType"] for r in by_subject}
-                for kind in sorted(kinds):
-                    subjects = [s for r in by_subject if r["resourceType"] == kind
-                                for s in [self._resolve(r.get("subject", {}).get("reference", ""))] if s]
-                    found.update(find_by_subject(self.client, kind, subjects,
-                                                 [idents[self._key(r)] for r in by_subject if r["resourceType"] == kind]))
-            by_id = {self._key(r): idents[self._key(r)] for r in batch if not self._by_identifier(r)}
-            if by_id:
-                found.update(find_by_id(self.client, by_id))
-            written = self.ledger.written(self.server, [i.key for i in idents.values()]) if self.ledger else {}
-            for r in batch:
-                self._decide_one(r, idents[self._key(r)], found.get(idents[self._key(r)], []), written, groups)
+        for r in patients:
+            self._decide_one(r, idents[self._key(r)], found.get(idents[self._key(r)], []), written, groups)
+        by_subject = [r for r in others if self._by_identifier(r) and not self.searchable.get(r["resourceType"], True)]
+        if by_subject:
+            query = CopyQuery()
+            for kind in sorted({r["resourceType"] for r in by_subject}):
+                subjects = [s for r in by_subject if r["resourceType"] == kind
+                            for s in [self._resolve(r.get("subject", {}).get("reference", ""))] if s]
+                query.by_subject(kind, subjects, [idents[self._key(r)] for r in by_subject if r["resourceType"] == kind])
+            found.update(query.run(self.searcher))
+        for r in others:
+            self._decide_one(r, idents[self._key(r)], found.get(idents[self._key(r)], []), written, groups)
 
     def _decide_one(self, res: Resource, ident: Identity, copies: list[ServerCopy],
                     written: dict[str, Written], groups: list[Group]) -> None:
@@ -873,7 +878,7 @@ class Pusher:
                         wanted[ref] = Identity(*linked)
         if not wanted:
             return
-        found = find_by_identifier(self.client, wanted.values())
+        found = find_by_identifier(self.client, wanted.values(), self.searcher)
         missing: dict[str, str] = {}
         for ref, ident in wanted.items():
             copies = found.get(ident, [])
@@ -1261,7 +1266,7 @@ class Pusher:
         rows = []
         wanted = {server_key: self.decisions[key].ident for server_key, (_, key) in unknown.items()
                   if self._can_search(server_key.split("/", 1)[0])}
-        for ident, copies in find_by_id(self.client, wanted).items():
+        for ident, copies in find_by_id(self.client, wanted, self.searcher).items():
             for copy in copies:
                 _, key = unknown[f"{ident.kind}/{copy.id}"]
                 sent = self._sent.get(key)
