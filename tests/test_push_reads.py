@@ -67,7 +67,7 @@ SEARCHES = [("Patient", {"_id": "a,b"}), ("Condition", {"_id": "c"})]
 def test_searches_go_as_one_batch_request_of_get_entries(rsps: responses.RequestsMock, client: FhirClient) -> None:
     rsps.post(BASE, json=batch_response(("200 OK", searchset(["a", "b"])),
                                         ("200 OK", searchset(["c"], "Condition"))))
-    found = Searcher(client, batch=True).resources(SEARCHES)
+    found = Searcher(client, batch=True, workers=4).resources(SEARCHES)
     assert [ids(f) for f in found] == [["a", "b"], ["c"]]
     assert methods(rsps) == ["POST"]
     sent = json.loads(rsps.calls[0].request.body)
@@ -191,3 +191,16 @@ def test_cohort_counts_without_a_total_in_a_batch_entry_is_no_count(
     rsps.post(BASE, json=batch_response(("200 OK", searchset([], "Condition")),
                                         ("200 OK", searchset([], "AdverseEvent", total=1))))
     assert cohort_counts(client, load_mapping(), ["Condition", "AdverseEvent"], Searcher(client, batch=True)) is None
+
+
+def test_cohort_counts_of_whole_types_name_no_identifier(rsps: responses.RequestsMock, client: FhirClient) -> None:
+    from ruxo_fhir.mapping.spec import load_mapping
+    from ruxo_fhir.sync.prune import cohort_counts
+
+    rsps.post(BASE, json=batch_response(("200 OK", searchset([], "Condition", total=5)),
+                                        ("200 OK", searchset([], "Observation", total=7))))
+    counts = cohort_counts(client, load_mapping(), ["Condition", "Observation"], Searcher(client, batch=True),
+                           whole=True)
+    assert counts == {"Condition": 5, "Observation": 7}
+    sent = json.loads(rsps.calls[0].request.body)
+    assert [e["request"]["url"] for e in sent["entry"]] == ["Condition?_summary=count", "Observation?_summary=count"]

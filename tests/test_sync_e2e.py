@@ -776,6 +776,35 @@ def _post_foreign(server: TestFhirServer, our_patient_id: str) -> set[str]:
     return keys(posted)
 
 
+def test_push_beside_other_peoples_data_says_nothing_is_stale_and_still_sees_a_removed_case(
+    fhir_server: TestFhirServer, example_bundle: Path, state: Path, tmp_path: Path
+) -> None:
+    """After a push that landed everything, counts per type tell whether the server holds
+    cohort resources the source no longer produces. Other people's resources make a count of a
+    whole type larger than ours: that alone must never be taken for a removed case (no notice),
+    and a case really removed from the source is still told."""
+    resources = bundle_resources(example_bundle)
+    assert cli("push", example_bundle, "--server", fhir_server.base_url, state=state).exit_code == 0
+    our_patient = next(r for r in resources if r["resourceType"] == "Patient")
+    _post_foreign(fhir_server, our_patient["id"])
+
+    again = cli("push", example_bundle, "--server", fhir_server.base_url, state=state)
+    assert again.exit_code == 0, again
+    assert again.summary()["unchanged"] == len(resources), again
+    assert not any("no longer produced" in ln for ln in again.lines), again
+
+    kept = [r for r in resources if not any(v.startswith("C01") for system in (CASE_SYSTEM, RESOURCE_SYSTEM)
+                                            for v in identifier_values(r, system))]
+    removed = len([r for r in resources if r["resourceType"] != "Patient"]) \
+        - len([r for r in kept if r["resourceType"] != "Patient"])
+    assert removed > 0
+    smaller = tmp_path / "without-C01.json"
+    smaller.write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
+                                   "entry": [{"resource": r} for r in kept]}), encoding="utf-8")
+    told = cli("push", smaller, "--server", fhir_server.base_url, state=state)
+    assert any(f"{removed} cohort resource(s) on the server are no longer produced" in ln for ln in told.lines), told
+
+
 def test_pull_small_pages_only_cohort_round_trip_patient_and_bulk(
     fhir_server: TestFhirServer, example_bundle: Path, state: Path, tmp_path: Path
 ) -> None:

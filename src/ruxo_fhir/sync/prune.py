@@ -64,19 +64,19 @@ class PruneResult:
 
 
 def cohort_counts(client: Client, mapping: MappingSpec, kinds: Iterable[str] = PART_TYPES,
-                  searcher: Searcher | None = None) -> dict[str, int] | None:
+                  searcher: Searcher | None = None, *, whole: bool = False) -> dict[str, int] | None:
     """Per type, how many resources on the server carry the mapping's case or per-resource
     identifier system (entered-in-error ones included): one `_summary=count` search each (all
     in one batch request where the server takes one). Types R4 gives no `identifier` search
     (AdverseEvent; pull finds them by subject) are counted whole: a larger count than ours then
-    only means reading the cohort. None when a server answers without a `total` or refuses the
-    search."""
+    only means reading the cohort. `whole`: every type counted whole. None when a server
+    answers without a `total` or refuses the search."""
     sys = mapping.identifier_systems
     kinds = list(kinds)
     searches: list[Search] = []
     for kind in kinds:
         params = {"_summary": "count"}
-        if kind not in BY_SUBJECT_TYPES:
+        if kind not in BY_SUBJECT_TYPES and not whole:
             params["identifier"] = f"{sys.case}|,{sys.resource}|"
         searches.append((kind, params))
     try:

@@ -58,7 +58,7 @@ class Searcher:
 
     def _each(self, fn: Any, items: list[Any]) -> list[Any]:
         """fn over items, up to `workers` at a time, results in order; the first error is raised."""
-        if self.workers == 1 or len(items) == 1:
+        if self.workers == 1 or len(items) <= 1:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(max_workers=min(self.workers, len(items)), thread_name_prefix="ruxo-read") as pool:
             return list(pool.map(fn, items))
