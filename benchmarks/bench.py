@@ -418,7 +418,7 @@ def push_concurrency(resources: list[Resource], batch: int, latencies: list[int]
         server = _engine_server(engine)
         try:
             server.start()
-        except Exception as exc:  # noqa: BLE001 - a missing engine is reported, not fatal
+        except Exception as exc:  # a missing engine (no Java, no Maven) is reported, not fatal
             rows.append({"engine": ENGINE_NAMES[engine], "skipped": f"{type(exc).__name__}: {exc}"})
             continue
         try:
@@ -509,6 +509,37 @@ def fmt_ratio(value: float, target: float | None = None) -> str:
     return text
 
 
+def report_push(args: argparse.Namespace, tmp: Path, say: Callable[..., None]) -> None:
+    """The push --concurrency stage and its table (both engines)."""
+    latencies = [int(x) for x in args.latencies.split(",") if x]
+    levels = [int(x) for x in args.levels.split(",") if x]
+    resources = cohort(args.push_cases, args.seed, tmp)
+    engines = tuple(e for e in args.engines.split(",") if e)
+    conc = push_concurrency(resources, args.push_batch, latencies, levels, tmp, engines)
+    measured = [row for row in conc if "skipped" not in row]
+    say(f"## push --concurrency vs sequential raw transaction POSTs ({args.push_cases:,} cases = "
+        f"{len(resources):,} resources, batch {args.push_batch} = "
+        f"{measured[0]['bundles'] if measured else '?'} bundles, "
+        "empty server each time; target at 200 ms, c=4: <= 0.4x)")
+    say()
+    say("| engine | latency | concurrency | push s | raw POST s (sequential) | push / raw | requests |")
+    say("|---|---:|---:|---:|---:|---:|---:|")
+    for row in measured:
+        target = 0.4 if row["latency_ms"] >= 200 and row["concurrency"] == 4 else None
+        say(f"| {row['engine']} | {row['latency_ms']} ms | {row['concurrency']} | {row['push_s']:.1f} | "
+            f"{row['raw_s']:.1f} | {fmt_ratio(row['push_s'] / row['raw_s'], target)} | {row['requests']} |")
+    say()
+    for row in measured:
+        if "repush_entries_written" in row:
+            say(f"re-push of the same data ({row['engine']}, latency {row['latency_ms']} ms, concurrency "
+                f"{row['concurrency']}): {row['repush_entries_written']} entries written, "
+                f"{row['repush_unchanged']:,} unchanged")
+    for row in conc:
+        if "skipped" in row:
+            say(f"{row['engine']}: not measured ({row['skipped']})")
+    say()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="25000", help="comma-separated row counts (default 25k)")
@@ -526,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--push-batch", type=int, default=100, help="batch size of the concurrency stage (default 100)")
     ap.add_argument("--latencies", default="0,200", help="server latencies in ms (default 0,200)")
     ap.add_argument("--levels", default="1,2,4,8", help="push --concurrency levels (default 1,2,4,8)")
+    ap.add_argument("--push-only", action="store_true", help="only the push --concurrency stage")
     ap.add_argument("--engines", default="medplum,hapi",
                     help="engines of the concurrency stage (default medplum,hapi; HAPI starts in about a minute)")
     ap.add_argument("--push-mem-rows", type=int, default=10000,
@@ -553,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"machine: {machine()}")
         say(f"started {time.strftime('%Y-%m-%d %H:%M:%S')}, seed {args.seed}")
         say()
+        if args.push_only:
+            report_push(args, tmp, say)
+            say(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            return 0
         st = startup_times(tmp, args.seed)
         say("## start-up (best of 3; wall on this machine, CPU of that run)")
         say()
@@ -617,33 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             say(profile_import(cohort_gen.write_cases(tmp / "prof.csv", 5000, args.seed), tmp / "prof-out"))
             say("```")
         if not args.no_server:
-            latencies = [int(x) for x in args.latencies.split(",") if x]
-            levels = [int(x) for x in args.levels.split(",") if x]
-            resources = cohort(args.push_cases, args.seed, tmp)
-            engines = tuple(e for e in args.engines.split(",") if e)
-            conc = push_concurrency(resources, args.push_batch, latencies, levels, tmp, engines)
-            measured = [row for row in conc if "skipped" not in row]
-            say(f"## push --concurrency vs sequential raw transaction POSTs ({args.push_cases:,} cases = "
-                f"{len(resources):,} resources, batch {args.push_batch} = "
-                f"{measured[0]['bundles'] if measured else '?'} bundles, "
-                "empty server each time; target at 200 ms, c=4: <= 0.4x)")
-            say()
-            say("| engine | latency | concurrency | push s | raw POST s (sequential) | push / raw | requests |")
-            say("|---|---:|---:|---:|---:|---:|---:|")
-            for row in measured:
-                target = 0.4 if row["latency_ms"] >= 200 and row["concurrency"] == 4 else None
-                say(f"| {row['engine']} | {row['latency_ms']} ms | {row['concurrency']} | {row['push_s']:.1f} | "
-                    f"{row['raw_s']:.1f} | {fmt_ratio(row['push_s'] / row['raw_s'], target)} | {row['requests']} |")
-            say()
-            for row in measured:
-                if "repush_entries_written" in row:
-                    say(f"re-push of the same data ({row['engine']}, latency {row['latency_ms']} ms, concurrency "
-                        f"{row['concurrency']}): {row['repush_entries_written']} entries written, "
-                        f"{row['repush_unchanged']:,} unchanged")
-            for row in conc:
-                if "skipped" in row:
-                    say(f"{row['engine']}: not measured ({row['skipped']})")
-            say()
+            report_push(args, tmp, say)
             if args.push_mem_rows:
                 mem = push_csv_memory(args.push_mem_rows, tmp, args.seed)
                 say("## push CASES.csv memory (peak RSS of the push process, streamed CSV)")

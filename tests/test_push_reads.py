@@ -142,7 +142,7 @@ def test_a_full_page_in_a_batch_entry_is_followed_by_its_next_link(
 def test_a_next_link_off_the_server_origin_is_refused(rsps: responses.RequestsMock, client: FhirClient) -> None:
     rsps.post(BASE, json=batch_response(("200 OK", searchset(["a"], next_url="https://elsewhere.example/p2")),
                                         ("200 OK", searchset(["c"], "Condition"))))
-    with pytest.raises(FatalServerError, match="elsewhere.example"):
+    with pytest.raises(FatalServerError, match=r"elsewhere\.example"):
         Searcher(client, batch=True).resources(SEARCHES)
     assert methods(rsps) == ["POST"]
 
