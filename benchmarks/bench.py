@@ -380,13 +380,31 @@ def server_stages(resources: list[Resource], batch: int, page: int, tmp: Path, r
     return out
 
 
-def push_concurrency(resources: list[Resource], batch: int, latencies: list[int], levels: list[int],
-                     tmp: Path) -> list[dict[str, Any]]:
-    """`push --concurrency c` vs sequential raw transaction POSTs of the same bundles, per
-    server latency (the test front's latency_ms switch: a delay before every request, the
-    engine's reply untouched), each on an emptied server; then a re-push (writes sent)."""
-    import requests
+PUSH_ENGINES = ("medplum", "hapi")
+
+
+def _engine_server(engine: str) -> Any:
+    """The test server of an engine, not started: Medplum's router or HAPI JPA, each behind a
+    front with the `latency_ms` switch (tests/fhirserver.py, tests/hapiserver.py)."""
+    if engine == "hapi":
+        from hapiserver import TestHapiServer
+
+        return TestHapiServer()
     from fhirserver import TestFhirServer
+
+    return TestFhirServer()
+
+
+ENGINE_NAMES = {"medplum": "Medplum fhir-router (test front)", "hapi": "HAPI FHIR JPA (fault front)"}
+
+
+def push_concurrency(resources: list[Resource], batch: int, latencies: list[int], levels: list[int],
+                     tmp: Path, engines: tuple[str, ...] = PUSH_ENGINES) -> list[dict[str, Any]]:
+    """`push --concurrency c` vs sequential raw transaction POSTs of the same bundles, per
+    engine and server latency (the front's latency_ms switch: a delay before every request, the
+    engine's reply untouched), each on an emptied server (`reset`: HAPI expunges); then a
+    re-push (writes sent)."""
+    import requests
 
     from ruxo_fhir.sync.ledger import Ledger
     from ruxo_fhir.sync.push import PushOptions, chunk_groups, group_resources, push
@@ -396,39 +414,54 @@ def push_concurrency(resources: list[Resource], batch: int, latencies: list[int]
     bodies = [orjson.dumps(make_bundle([put_entry(r) for g in chunk for r in g.resources], "transaction"))
               for chunk in chunk_groups(group_resources(resources, mapping), batch)]
     rows: list[dict[str, Any]] = []
-    server = TestFhirServer().start()
-    try:
-        base = server.base_url
-        session = requests.Session()
-        headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-        for body in bodies[:3]:  # warm-up (the engine's JIT)
+    for engine in engines:
+        server = _engine_server(engine)
+        try:
+            server.start()
+        except Exception as exc:  # a missing engine (no Java, no Maven) is reported, not fatal
+            rows.append({"engine": ENGINE_NAMES[engine], "skipped": f"{type(exc).__name__}: {exc}"})
+            continue
+        try:
+            rows += _push_engine(server, ENGINE_NAMES[engine], bodies, resources, mapping, batch, latencies,
+                                 levels, tmp, requests, Ledger, PushOptions, push, FhirClient)
+        finally:
+            server.stop()
+    return rows
+
+
+def _push_engine(server: Any, name: str, bodies: list[bytes], resources: list[Resource], mapping: Any,
+                 batch: int, latencies: list[int], levels: list[int], tmp: Path, requests: Any, Ledger: Any,
+                 PushOptions: Any, push: Any, FhirClient: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    base = server.base_url
+    session = requests.Session()
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    for body in bodies[:3]:  # warm-up (the engine's JIT)
+        session.post(base, data=body, headers=headers, timeout=600).raise_for_status()
+    for latency in latencies:
+        server.reset()
+        server.configure(latency_ms=latency)
+        t0 = time.perf_counter()
+        for body in bodies:
             session.post(base, data=body, headers=headers, timeout=600).raise_for_status()
-        for latency in latencies:
+        raw = time.perf_counter() - t0
+        for level in levels:
             server.reset()
             server.configure(latency_ms=latency)
-            t0 = time.perf_counter()
-            for body in bodies:
-                session.post(base, data=body, headers=headers, timeout=600).raise_for_status()
-            raw = time.perf_counter() - t0
-            for level in levels:
-                server.reset()
-                server.configure(latency_ms=latency)
-                ledger_dir = Path(tempfile.mkdtemp(dir=tmp, prefix="ledger"))
-                with FhirClient(base) as client, Ledger(ledger_dir / "ledger.sqlite3") as ledger:
-                    options = PushOptions(batch_size=batch, concurrency=level)
-                    t, result = timed(lambda: push(client, resources, mapping, options, ledger=ledger))
-                    assert result.created + result.updated == len(resources), result.summary_line
-                    row = {"engine": "Medplum fhir-router (test front)", "latency_ms": latency,
-                           "concurrency": level, "push_s": t, "raw_s": raw, "bundles": len(bodies),
-                           "requests": client.request_count}
-                    if level == levels[-1]:
-                        before = server.stats()
-                        again = push(client, resources, mapping, options, ledger=ledger)
-                        row["repush_entries_written"] = server.stats()["entries_written"] - before["entries_written"]
-                        row["repush_unchanged"] = again.unchanged
-                rows.append(row)
-    finally:
-        server.stop()
+            ledger_dir = Path(tempfile.mkdtemp(dir=tmp, prefix="ledger"))
+            with FhirClient(base) as client, Ledger(ledger_dir / "ledger.sqlite3") as ledger:
+                options = PushOptions(batch_size=batch, concurrency=level)
+                t, result = timed(lambda: push(client, resources, mapping, options, ledger=ledger))
+                assert result.created + result.updated == len(resources), result.summary_line
+                row = {"engine": name, "latency_ms": latency,
+                       "concurrency": level, "push_s": t, "raw_s": raw, "bundles": len(bodies),
+                       "requests": client.request_count}
+                if level == levels[-1]:
+                    before = server.stats()
+                    again = push(client, resources, mapping, options, ledger=ledger)
+                    row["repush_entries_written"] = server.stats()["entries_written"] - before["entries_written"]
+                    row["repush_unchanged"] = again.unchanged
+            rows.append(row)
     return rows
 
 
@@ -476,6 +509,37 @@ def fmt_ratio(value: float, target: float | None = None) -> str:
     return text
 
 
+def report_push(args: argparse.Namespace, tmp: Path, say: Callable[..., None]) -> None:
+    """The push --concurrency stage and its table (both engines)."""
+    latencies = [int(x) for x in args.latencies.split(",") if x]
+    levels = [int(x) for x in args.levels.split(",") if x]
+    resources = cohort(args.push_cases, args.seed, tmp)
+    engines = tuple(e for e in args.engines.split(",") if e)
+    conc = push_concurrency(resources, args.push_batch, latencies, levels, tmp, engines)
+    measured = [row for row in conc if "skipped" not in row]
+    say(f"## push --concurrency vs sequential raw transaction POSTs ({args.push_cases:,} cases = "
+        f"{len(resources):,} resources, batch {args.push_batch} = "
+        f"{measured[0]['bundles'] if measured else '?'} bundles, "
+        "empty server each time; target at 200 ms, c=4: <= 0.4x)")
+    say()
+    say("| engine | latency | concurrency | push s | raw POST s (sequential) | push / raw | requests |")
+    say("|---|---:|---:|---:|---:|---:|---:|")
+    for row in measured:
+        target = 0.4 if row["latency_ms"] >= 200 and row["concurrency"] == 4 else None
+        say(f"| {row['engine']} | {row['latency_ms']} ms | {row['concurrency']} | {row['push_s']:.1f} | "
+            f"{row['raw_s']:.1f} | {fmt_ratio(row['push_s'] / row['raw_s'], target)} | {row['requests']} |")
+    say()
+    for row in measured:
+        if "repush_entries_written" in row:
+            say(f"re-push of the same data ({row['engine']}, latency {row['latency_ms']} ms, concurrency "
+                f"{row['concurrency']}): {row['repush_entries_written']} entries written, "
+                f"{row['repush_unchanged']:,} unchanged")
+    for row in conc:
+        if "skipped" in row:
+            say(f"{row['engine']}: not measured ({row['skipped']})")
+    say()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="25000", help="comma-separated row counts (default 25k)")
@@ -493,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--push-batch", type=int, default=100, help="batch size of the concurrency stage (default 100)")
     ap.add_argument("--latencies", default="0,200", help="server latencies in ms (default 0,200)")
     ap.add_argument("--levels", default="1,2,4,8", help="push --concurrency levels (default 1,2,4,8)")
+    ap.add_argument("--push-only", action="store_true", help="only the push --concurrency stage")
+    ap.add_argument("--engines", default="medplum,hapi",
+                    help="engines of the concurrency stage (default medplum,hapi; HAPI starts in about a minute)")
     ap.add_argument("--push-mem-rows", type=int, default=10000,
                     help="push CASES.csv memory: rows of the larger file (a tenth for the smaller; 0 = skip)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of a 5k-row import")
@@ -518,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"machine: {machine()}")
         say(f"started {time.strftime('%Y-%m-%d %H:%M:%S')}, seed {args.seed}")
         say()
+        if args.push_only:
+            report_push(args, tmp, say)
+            say(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            return 0
         st = startup_times(tmp, args.seed)
         say("## start-up (best of 3; wall on this machine, CPU of that run)")
         say()
@@ -582,28 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             say(profile_import(cohort_gen.write_cases(tmp / "prof.csv", 5000, args.seed), tmp / "prof-out"))
             say("```")
         if not args.no_server:
-            latencies = [int(x) for x in args.latencies.split(",") if x]
-            levels = [int(x) for x in args.levels.split(",") if x]
-            resources = cohort(args.push_cases, args.seed, tmp)
-            conc = push_concurrency(resources, args.push_batch, latencies, levels, tmp)
-            say(f"## push --concurrency vs sequential raw transaction POSTs ({args.push_cases:,} cases = "
-                f"{len(resources):,} resources, batch {args.push_batch} = {conc[0]['bundles']} bundles, "
-                "empty server each time; target at 200 ms, c=4: <= 0.4x)")
-            say()
-            say("| engine | latency | concurrency | push s | raw POST s (sequential) | push / raw | requests |")
-            say("|---|---:|---:|---:|---:|---:|---:|")
-            for row in conc:
-                target = 0.4 if row["latency_ms"] >= 200 and row["concurrency"] == 4 else None
-                say(f"| {row['engine']} | {row['latency_ms']} ms | {row['concurrency']} | {row['push_s']:.1f} | "
-                    f"{row['raw_s']:.1f} | {fmt_ratio(row['push_s'] / row['raw_s'], target)} | {row['requests']} |")
-            say()
-            for row in conc:
-                if "repush_entries_written" in row:
-                    say(f"re-push of the same data (latency {row['latency_ms']} ms, concurrency {row['concurrency']}): "
-                        f"{row['repush_entries_written']} entries written, {row['repush_unchanged']:,} unchanged")
-            say()
-            say("HAPI FHIR JPA: not measured in this run (no HAPI engine fixture in this checkout yet).")
-            say()
+            report_push(args, tmp, say)
             if args.push_mem_rows:
                 mem = push_csv_memory(args.push_mem_rows, tmp, args.seed)
                 say("## push CASES.csv memory (peak RSS of the push process, streamed CSV)")

@@ -283,6 +283,20 @@ def _write_entries(segs: list[str], body: bytes) -> int:
                and str(e["request"].get("method", "")).upper() in WRITE_METHODS)
 
 
+def _read_bundle(segs: list[str], body: bytes) -> bool:
+    """A Bundle POSTed to the base whose entries are all GET/HEAD: searches and reads, no write."""
+    if segs:
+        return False
+    try:
+        bundle = json.loads(body)
+    except ValueError:
+        return False
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    return isinstance(entries, list) and bool(entries) and all(
+        isinstance(e, dict) and isinstance(e.get("request"), dict)
+        and str(e["request"].get("method", "")).upper() in ("GET", "HEAD") for e in entries)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
@@ -408,7 +422,9 @@ class _Handler(BaseHTTPRequestHandler):
             segs = [s for s in rel.split("/") if s]
             search_post = method == "POST" and len(segs) == 2 and segs[1] == "_search"
             validate_post = method == "POST" and bool(segs) and segs[-1] == "$validate"
-            is_write = method in WRITE_METHODS and not search_post and not validate_post
+            # a batch of GET entries (push's reads before writing) is a read, whatever its method
+            read_bundle = method == "POST" and _read_bundle(segs, body)
+            is_write = method in WRITE_METHODS and not search_post and not validate_post and not read_bundle
             front._count("writes" if is_write else "reads")
             if is_write:
                 front._count_entries(_write_entries(segs, body))

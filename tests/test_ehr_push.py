@@ -154,8 +154,15 @@ def test_ids_server_example_exact_counts_repush_nothing_pull_export_outcomes(
     assert outcome_counts(out) == (6, 5, 1)
 
 
-def test_auto_picks_server_ids_and_says_so_once(ehr: TestFhirServer, state: Path) -> None:
-    run = cli("push", EXAMPLE_CSV, "--server", ehr.base_url, state=state)
+@pytest.mark.parametrize("flight", [
+    (),
+    # one bundle in flight: a refusal is met when the last bundles land (HAPI)
+    ("--concurrency", "4"),
+    # eight bundles, four in flight: met while later ones wait to be sent
+    ("--concurrency", "4", "--batch-size", "10"),
+], ids=["sequential", "c4-one-bundle", "c4-eight-bundles"])
+def test_auto_picks_server_ids_and_says_so_once(ehr: TestFhirServer, state: Path, flight: tuple[str, ...]) -> None:
+    run = cli("push", EXAMPLE_CSV, "--server", ehr.base_url, *flight, state=state)
     assert run.exit_code == 0, run
     said = [ln for ln in run.lines if "server-assigned ids" in ln]
     # the reason is whichever the engine gives first: its statement (Medplum front: updateCreate

@@ -22,6 +22,15 @@ ALL_FAULTS = {"429": 7, "503": 11, "drop_before": 13, "drop_after": 17}
 N_CASES = 300
 
 
+@pytest.fixture(autouse=True)
+def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows of 200 entries (not 1000): the cohort spans about ten, so every test here also
+    checks a window's reads made while the previous window's bundles are in flight."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("ruxo_fhir.sync.push"), "LEDGER_WINDOW", 200)
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Resources of N_CASES generated cases, in the order push receives them from a CSV."""

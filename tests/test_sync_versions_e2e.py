@@ -67,9 +67,11 @@ def test_versions_learned_from_the_reply_or_one_read_then_repush_writes_nothing(
     assert stats["write_entries_received"] == len(resources)
     # one `_id` search per type before the write (what is there already, issue 12), the read after
     # the write where the replies named no version (Medplum; HAPI names them), and the cohort read
-    # that counts removed cases (one `_summary=count` search per cohort type)
+    # that counts removed cases (one `_summary=count` search per cohort type). Medplum declares
+    # batch, so the first reads go as one batch of searches -- whose answers this switch strips
+    # too (entries without their searchset): push then searches plainly, for the rest of the run.
     if engine(fhir_server) == "medplum":
-        assert stats["reads"] == 2 * len(want) + 4, stats
+        assert stats["reads"] == 1 + 2 * len(want) + 4, stats
     else:
         assert len(want) + 1 <= stats["reads"] <= len(want) + 12, stats
 

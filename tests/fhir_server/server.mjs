@@ -134,6 +134,17 @@ function writeEntries(segs, bodyText) {
   }
 }
 
+/** A Bundle POSTed to the base whose entries are all GET/HEAD: searches and reads, no write. */
+function readBundle(segs, bodyText) {
+  if (segs.length > 0) return false;
+  try {
+    const entries = JSON.parse(bodyText)?.entry ?? [];
+    return entries.length > 0 && entries.every((e) => ['GET', 'HEAD'].includes(String(e?.request?.method ?? '').toUpperCase()));
+  } catch {
+    return false;
+  }
+}
+
 function authRequired() {
   return Boolean(config.require_token || config.basic_auth || config.require_auth);
 }
@@ -286,7 +297,8 @@ async function handle(req, res) {
   const isWrite = method === 'POST' || method === 'PUT' || method === 'DELETE' || method === 'PATCH';
   const segs = path.slice('/fhir'.length).split('/').filter(Boolean);
   const isSearchPost = method === 'POST' && segs.length === 2 && segs[1] === '_search';
-  const countAsWrite = isWrite && !isSearchPost;
+  // a batch of GET entries (push's reads before writing) is a read, whatever its method
+  const countAsWrite = isWrite && !isSearchPost && !(method === 'POST' && readBundle(segs, bodyText));
   if (countAsWrite) {
     stats.writes++;
     stats.write_entries_received += writeEntries(segs, bodyText);

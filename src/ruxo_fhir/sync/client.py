@@ -18,6 +18,9 @@ class Client(Protocol):
     def search_bundles(self, resource_type: str, params: dict[str, str], *,
                        max_pages: int | None = None) -> Iterator[dict[str, Any]]: ...
 
+    def next_pages(self, resource_type: str, page: dict[str, Any], *,
+                   max_pages: int | None = None) -> Iterator[dict[str, Any]]: ...
+
     def request(self, method: str, url_or_path: str, *, json: Any = None,
                 headers: Mapping[str, str] | None = None, idempotent: bool | None = None,
                 check: bool = True) -> Any: ...

@@ -12,12 +12,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from ruxo_fhir.mapping.reverse import identifier_value, identifiers, reference_key
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.ledger import content_hash
+from ruxo_fhir.sync.searches import PAGE, Search, Searcher, chunks
 
 Resource = dict[str, Any]
 SEARCH_CHUNK = 40  # identifier values per search URL (a few KB at most)
@@ -76,53 +78,87 @@ class ServerCopy:
                    meta.get("lastUpdated"), resource)
 
 
-def find_by_identifier(client: Client, idents: Iterable[Identity]) -> dict[Identity, list[ServerCopy]]:
-    """Server copies per identity, by batched `identifier=s|v1,s|v2` searches (OR)."""
-    wanted: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for ident in idents:
-        wanted[(ident.kind, ident.system)].add(ident.value)
-    found: dict[Identity, list[ServerCopy]] = defaultdict(list)
-    for (kind, system), values in wanted.items():
-        ordered = sorted(values)
-        for i in range(0, len(ordered), SEARCH_CHUNK):
-            part = ordered[i:i + SEARCH_CHUNK]
-            params = {"identifier": ",".join(f"{system}|{v}" for v in part), "_count": str(2 * len(part) + 1)}
-            for res in client.search(kind, params):
-                _collect(found, res, kind, system, set(part))
-    return found
+class CopyQuery:
+    """The searches that find server copies of a set of identities, and how each answer is read:
+    built by `by_identifier`/`by_subject`/`by_id`, then run together (one batch read where the
+    server takes one, sync/searches.py)."""
 
+    def __init__(self) -> None:
+        self.searches: list[Search] = []
+        self._readers: list[Callable[[list[Resource]], None]] = []
+        self.found: dict[Identity, list[ServerCopy]] = defaultdict(list)
 
-def find_by_subject(client: Client, kind: str, subjects: Iterable[str], idents: Iterable[Identity]
-                    ) -> dict[Identity, list[ServerCopy]]:
-    """For a type the server cannot search by identifier (AdverseEvent in R4): the subjects'
-    resources of that type, matched on the identifier here."""
-    by_system: dict[str, set[str]] = defaultdict(set)
-    for ident in idents:
-        by_system[ident.system].add(ident.value)
-    found: dict[Identity, list[ServerCopy]] = defaultdict(list)
-    refs = sorted(set(subjects))
-    for i in range(0, len(refs), SEARCH_CHUNK):
-        for res in client.search(kind, {"subject": ",".join(refs[i:i + SEARCH_CHUNK])}):
-            for system, values in by_system.items():
-                _collect(found, res, kind, system, values)
-    return found
+    def by_identifier(self, idents: Iterable[Identity]) -> CopyQuery:
+        """Batched `identifier=s|v1,s|v2` searches (OR)."""
+        wanted: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for ident in idents:
+            wanted[(ident.kind, ident.system)].add(ident.value)
+        for (kind, system), values in wanted.items():
+            for part in chunks(sorted(values), SEARCH_CHUNK):
+                params = {"identifier": ",".join(f"{system}|{v}" for v in part), "_count": str(2 * len(part) + 1)}
+                self._add(kind, params, partial(self._by_systems, kind, {system: set(part)}))
+        return self
 
+    def by_subject(self, kind: str, subjects: Iterable[str], idents: Iterable[Identity]) -> CopyQuery:
+        """For a type the server cannot search by identifier (AdverseEvent in R4): the subjects'
+        resources of that type, matched on the identifier here."""
+        by_system: dict[str, set[str]] = defaultdict(set)
+        for ident in idents:
+            by_system[ident.system].add(ident.value)
+        for part in chunks(sorted(set(subjects)), SEARCH_CHUNK):
+            self._add(kind, {"subject": ",".join(part)}, partial(self._by_systems, kind, by_system))
+        return self
 
-def find_by_id(client: Client, wanted: dict[str, Identity]) -> dict[Identity, list[ServerCopy]]:
-    """Client-assigned ids: copies by batched `_id` searches; `wanted` maps `Type/id` to identity."""
-    by_kind: dict[str, list[str]] = defaultdict(list)
-    for key in wanted:
-        kind, rid = key.split("/", 1)
-        by_kind[kind].append(rid)
-    found: dict[Identity, list[ServerCopy]] = defaultdict(list)
-    for kind, ids in by_kind.items():
-        for i in range(0, len(ids), 100):
-            part = ids[i:i + 100]
-            for res in client.search(kind, {"_id": ",".join(part), "_count": str(len(part))}):
+    def by_id(self, wanted: dict[str, Identity]) -> CopyQuery:
+        """Client-assigned ids: batched `_id` searches; `wanted` maps `Type/id` to identity."""
+        by_kind: dict[str, list[str]] = defaultdict(list)
+        for key in wanted:
+            kind, rid = key.split("/", 1)
+            by_kind[kind].append(rid)
+
+        def read(kind: str, found: list[Resource]) -> None:
+            for res in found:
                 ident = wanted.get(f"{kind}/{res.get('id')}")
                 if ident is not None:
-                    found[ident].append(ServerCopy.of(res))
-    return found
+                    self.found[ident].append(ServerCopy.of(res))
+
+        for kind, ids in by_kind.items():
+            for part in chunks(ids, PAGE):
+                self._add(kind, {"_id": ",".join(part), "_count": str(len(part))},
+                          partial(read, kind))
+        return self
+
+    def _by_systems(self, kind: str, by_system: dict[str, set[str]], found: list[Resource]) -> None:
+        for res in found:
+            for system, values in by_system.items():
+                _collect(self.found, res, kind, system, values)
+
+    def _add(self, kind: str, params: dict[str, str], reader: Callable[[list[Resource]], None]) -> None:
+        self.searches.append((kind, params))
+        self._readers.append(reader)
+
+    def run(self, searcher: Searcher) -> dict[Identity, list[ServerCopy]]:
+        for reader, found in zip(self._readers, searcher.resources(self.searches)):
+            reader(found)
+        return self.found
+
+
+def find_by_identifier(client: Client, idents: Iterable[Identity], searcher: Searcher | None = None
+                       ) -> dict[Identity, list[ServerCopy]]:
+    """Server copies per identity, by batched `identifier=s|v1,s|v2` searches (OR)."""
+    return CopyQuery().by_identifier(idents).run(searcher or Searcher(client))
+
+
+def find_by_subject(client: Client, kind: str, subjects: Iterable[str], idents: Iterable[Identity],
+                    searcher: Searcher | None = None) -> dict[Identity, list[ServerCopy]]:
+    """Server copies of a type the server cannot search by identifier, found by subject."""
+    return CopyQuery().by_subject(kind, subjects, idents).run(searcher or Searcher(client))
+
+
+def find_by_id(client: Client, wanted: dict[str, Identity], searcher: Searcher | None = None
+               ) -> dict[Identity, list[ServerCopy]]:
+    """Client-assigned ids: copies by batched `_id` searches; `wanted` maps `Type/id` to identity."""
+    return CopyQuery().by_id(wanted).run(searcher or Searcher(client))
 
 
 def _collect(found: dict[Identity, list[ServerCopy]], res: Resource, kind: str, system: str,

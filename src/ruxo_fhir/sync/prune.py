@@ -24,6 +24,7 @@ from ruxo_fhir.sync.identity import identity_of
 from ruxo_fhir.sync.ledger import Ledger, Written
 from ruxo_fhir.sync.pull import BY_SUBJECT_TYPES, PART_TYPES, pull_cohort
 from ruxo_fhir.sync.replies import http_reply
+from ruxo_fhir.sync.searches import Search, Searcher
 
 log = logging.getLogger("ruxo_fhir.sync")
 Resource = dict[str, Any]
@@ -62,24 +63,30 @@ class PruneResult:
         return 100.0 * len(self.found) / self.cohort if self.cohort else 0.0
 
 
-def cohort_counts(client: Client, mapping: MappingSpec, kinds: Iterable[str] = PART_TYPES) -> dict[str, int] | None:
+def cohort_counts(client: Client, mapping: MappingSpec, kinds: Iterable[str] = PART_TYPES,
+                  searcher: Searcher | None = None, *, whole: bool = False) -> dict[str, int] | None:
     """Per type, how many resources on the server carry the mapping's case or per-resource
-    identifier system (entered-in-error ones included): one `_summary=count` search each.
-    Types R4 gives no `identifier` search (AdverseEvent; pull finds them by subject) are counted
-    whole: a larger count than ours then only means reading the cohort. None when a server
+    identifier system (entered-in-error ones included): one `_summary=count` search each (all
+    in one batch request where the server takes one). Types R4 gives no `identifier` search
+    (AdverseEvent; pull finds them by subject) are counted whole: a larger count than ours then
+    only means reading the cohort. `whole`: every type counted whole. None when a server
     answers without a `total` or refuses the search."""
     sys = mapping.identifier_systems
-    out: dict[str, int] = {}
+    kinds = list(kinds)
+    searches: list[Search] = []
     for kind in kinds:
         params = {"_summary": "count"}
-        if kind not in BY_SUBJECT_TYPES:
+        if kind not in BY_SUBJECT_TYPES and not whole:
             params["identifier"] = f"{sys.case}|,{sys.resource}|"
-        try:
-            bundle = next(iter(client.search_bundles(kind, params, max_pages=1)), None)
-        except ServerError as exc:
-            log.info("push: counting %s on the server failed (%s); reading the cohort instead", kind, exc)
-            return None
-        total = bundle.get("total") if isinstance(bundle, dict) else None
+        searches.append((kind, params))
+    try:
+        answers = (searcher or Searcher(client)).pages(searches, first_only=True)
+    except ServerError as exc:
+        log.info("push: counting the cohort on the server failed (%s); reading the cohort instead", exc)
+        return None
+    out: dict[str, int] = {}
+    for kind, pages in zip(kinds, answers):
+        total = pages[0].get("total") if pages and isinstance(pages[0], dict) else None
         if not isinstance(total, int) or isinstance(total, bool) or total < 0:
             return None
         out[kind] = total

@@ -61,12 +61,12 @@ from ruxo_fhir.sync.capabilities import server_interactions as server_interactio
 from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.identity import (
     REFERENCED_TYPES,
+    CopyQuery,
     Identity,
     ServerCopy,
     as_written,
     find_by_id,
     find_by_identifier,
-    find_by_subject,
     identity_of,
     local_key,
     references,
@@ -77,6 +77,7 @@ from ruxo_fhir.sync.identity import (
 from ruxo_fhir.sync.ledger import Ledger, Written, content_hash
 from ruxo_fhir.sync.pull import PART_TYPES
 from ruxo_fhir.sync.replies import entry_reply, same_instant, status_code
+from ruxo_fhir.sync.searches import Searcher
 from ruxo_fhir.transport.outcome import TEMPORARY_STATUSES
 from ruxo_fhir.transport.rest import RetryPolicy
 
@@ -430,6 +431,14 @@ class PushReject:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Ahead:
+    """Server copies read ahead of a window's decisions, and the id strategy they were read under."""
+
+    ids: str
+    found: dict[Identity, list[ServerCopy]]
+
+
 class _Flight:
     """Up to `limit` bundles in flight on sending threads, in reference order.
 
@@ -473,6 +482,13 @@ class _Flight:
     def finish(self) -> None:
         """Wait for every bundle; raise the first error."""
         self._wait(0)
+
+    def busy(self) -> bool:
+        return bool(self._inflight)
+
+    def holds(self, keys: Iterable[str]) -> bool:
+        """Whether a bundle in flight holds one of these resources (`Type/id`)."""
+        return any(k in self._holder for k in keys)
 
     def _wait(self, leave: int) -> None:
         error: BaseException | None = None
@@ -555,6 +571,7 @@ class Pusher:
         # threads of `concurrency > 1`; it changes only under this lock.
         self._lock = threading.RLock()
         self._flight: _Flight | None = None
+        self._pending: tuple[list[list[Group]], dict[str, str], dict[str, Any]] = ([], {}, {})
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, resources: Iterable[Resource]) -> PushResult:
@@ -573,6 +590,9 @@ class Pusher:
                 raise CapabilityError("server does not support transactions; use --mode batch")
             self._switch_to_batch("server declares batch but not transaction")
         self.searchable = identifier_searchable(self.caps)
+        # the reads before writing: one batch of searches where the server declares `batch`,
+        # else plain GETs, as many at once as bundles may be in flight
+        self.searcher = Searcher(self.client, batch="batch" in interactions, workers=self.opt.concurrency)
         shared = shared_systems_warning(self.mapping, self.server)
         if shared:
             self._notice(shared)
@@ -585,7 +605,7 @@ class Pusher:
             if self.opt.concurrency > 1:
                 with _Flight(self.opt.concurrency) as self._flight:
                     self._push_all(resources)
-                    self._flight.finish()
+                    self._land()
                 self._flight = None
             else:
                 self._push_all(resources)
@@ -652,7 +672,7 @@ class Pusher:
         self.result.errors.extend(found.errors)
 
     def _cohort_is_ours(self) -> bool:
-        """Whether the server holds exactly what this push produced, told by one count per type
+        """Whether the server holds exactly what this push produced, told by counts per type
         instead of reading the whole cohort back (which costs as much as the push on a large one).
 
         Only after a push that landed everything it produced (nothing rejected, no conflict, no
@@ -673,8 +693,14 @@ class Pusher:
         kinds = [k for k in PART_TYPES if k in self.caps.resources or k in expected]
         if set(expected) - set(kinds):
             return False
-        counts = cohort_counts(self.client, self.mapping, kinds)
-        if counts is None or any(counts[k] != expected[k] for k in kinds):
+        # Whole types first: equal to ours means the same too (all of ours are there), and an
+        # engine without a token index (Medplum's in-memory one: ~100x) answers it without
+        # reading every resource; a server holding more (a shared EHR) is asked by identifier.
+        def equal(counts: dict[str, int] | None) -> bool:
+            return counts is not None and all(counts[k] == expected[k] for k in kinds)
+
+        if not equal(cohort_counts(self.client, self.mapping, kinds, self.searcher, whole=True)) \
+                and not equal(cohort_counts(self.client, self.mapping, kinds, self.searcher)):
             return False
         r.cohort_on_server = sum(expected.values())
         return True
@@ -705,27 +731,77 @@ class Pusher:
             yield chunk, {self._key(r): content_hash(r) for g in chunk for r in g.resources}
 
     def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
-        if self._flight is not None:  # the previous window's bundles land before its decisions go
-            self._flight.finish()
+        ahead = self._read_ahead(window)  # while the previous window's bundles are in flight
+        self._land()  # the previous window's bundles land before this window's decisions go
         if self.opt.ids == "auto" and self.ids == "client":
             self._remembered_server_ids(window)
         self._preflight({key.split("/", 1)[0] for key in hashes})
         saved = self.result.snapshot()
+        self._pending = (window, hashes, saved)
         try:
-            self._decide([g for chunk in window for g in chunk])
+            self._decide([g for chunk in window for g in chunk], ahead)
             for chunk in window:
                 self._push_chunk(chunk, hashes)
         except _ClientIdsRefused as exc:
-            if self.opt.ids != "auto" or self.ids == "server":
-                raise ServerError(f"the server refuses client-assigned ids ({exc.detail}); "
-                                  "use --ids server (or auto)") from None
-            self.result.restore(saved)
-            self._use_server_ids(f"the server refused a client-assigned id ({exc.detail})")
-            self.checked_types.clear()
-            self._preflight({key.split("/", 1)[0] for key in hashes})
-            self._decide([g for chunk in window for g in chunk])
-            for chunk in window:
-                self._push_chunk(chunk, hashes)
+            self._restart(window, hashes, saved, exc)
+
+    def _land(self) -> None:
+        """Wait for the bundles in flight (concurrency > 1); a refusal of client ids met there
+        restarts their window under server ids, as when it is met while sending."""
+        if self._flight is None:
+            return
+        try:
+            self._flight.finish()
+        except _ClientIdsRefused as exc:
+            window, hashes, saved = self._pending
+            self._restart(window, hashes, saved, exc)
+            self._flight.finish()
+
+    def _restart(self, window: list[list[Group]], hashes: dict[str, str], saved: dict[str, Any],
+                 exc: _ClientIdsRefused) -> None:
+        """The server refuses client-assigned ids: the window again, decided and written under
+        server ids, its counts as before it (`saved`). Its other bundles land first."""
+        if self.opt.ids != "auto" or self.ids == "server":
+            raise ServerError(f"the server refuses client-assigned ids ({exc.detail}); "
+                              "use --ids server (or auto)") from None
+        if self._flight is not None:
+            try:
+                self._flight.finish()
+            except _ClientIdsRefused:
+                pass  # the same refusal, met by another bundle of the window
+        self.result.restore(saved)
+        self._use_server_ids(f"the server refused a client-assigned id ({exc.detail})")
+        self.checked_types.clear()
+        self._preflight({key.split("/", 1)[0] for key in hashes})
+        self._decide([g for chunk in window for g in chunk])
+        for chunk in window:
+            self._push_chunk(chunk, hashes)
+
+    def _read_ahead(self, window: list[list[Group]]) -> _Ahead | None:
+        """The server copies of a window, read while the previous window's bundles are in flight
+        (concurrency > 1), so the reads do not wait for them. Only what those bundles cannot
+        change: none of the window's resources is in flight, the copies are found by id or
+        identifier (by subject needs the server ids the previous window learns), the search
+        capability of each type is known already, link mode (its Patients) is not in play. `_decide`
+        uses them only if the id strategy is still the one they were read under."""
+        flight = self._flight
+        if flight is None or self.mapping.patients.linked or not flight.busy():
+            return None
+        resources = [r for chunk in window for g in chunk for r in g.resources]
+        if any(r["resourceType"] not in self.search_declared for r in resources) \
+                or flight.holds(self._key(r) for r in resources):
+            return None
+        return _Ahead(self.ids, self._copy_query(resources).run(self.searcher))
+
+    def _copy_query(self, resources: list[Resource]) -> CopyQuery:
+        """The searches finding the copies of these resources by identifier or id (one batch
+        request where the server takes one)."""
+        query = CopyQuery()
+        searchable = [r for r in resources if self.search_declared.get(r["resourceType"])]
+        query.by_identifier([self._identity(r) for r in searchable if self._by_identifier(r)
+                             and self.searchable.get(r["resourceType"], True)])
+        query.by_id({self._key(r): self._identity(r) for r in searchable if not self._by_identifier(r)})
+        return query
 
     def _remembered_server_ids(self, window: list[list[Group]]) -> None:
         """`auto` where the statement is silent (HAPI says updateCreate true whatever its id
@@ -776,9 +852,10 @@ class Pusher:
         """Server copies are found by identifier (server ids, or a Patient in link modes)."""
         return self.ids == "server" or (res["resourceType"] == "Patient" and self.mapping.patients.linked)
 
-    def _decide(self, groups: list[Group]) -> None:
-        """Read the server's copies of every resource of these groups (batched searches) and
-        decide for each: create, update (If-Match), unchanged, conflict, or reject its case."""
+    def _decide(self, groups: list[Group], ahead: _Ahead | None = None) -> None:
+        """Read the server's copies of every resource of these groups (batched searches; those
+        read ahead under the id strategy still in use are not read again) and decide for each:
+        create, update (If-Match), unchanged, conflict, or reject its case."""
         self.decisions.clear()
         self.group_rejects.clear()
         resources = [r for g in groups for r in g.resources]
@@ -791,31 +868,29 @@ class Pusher:
             if self.ids == "server" and not idents[self._key(r)].system:
                 self._reject_in(groups, r, f"{self._key(r)} carries no identifier of the mapping's systems; "
                                 "server-assigned ids need one")
-        found: dict[Identity, list[ServerCopy]] = {}
         blind = [r for r in resources if not self._can_search(r["resourceType"])]
         for r in blind:  # sent every time: PUT at its id, or a conditional create the server resolves
             self._decided(r, Decision("update" if self.ids == "client" else "create", idents[self._key(r)]))
         resources = [r for r in resources if self._can_search(r["resourceType"])]
+        # One read for every copy found by identifier or id (one batch request where the server
+        # takes one); by subject only after the Patients are decided (it needs their server ids).
+        found = dict(ahead.found) if ahead is not None and ahead.ids == self.ids \
+            else self._copy_query(resources).run(self.searcher)
+        written = self.ledger.written(self.server, [i.key for i in idents.values()]) if self.ledger else {}
         patients = [r for r in resources if r["resourceType"] == "Patient"]
         others = [r for r in resources if r["resourceType"] != "Patient"]
-        for batch in (patients, others):
-            by_ident = [idents[self._key(r)] for r in batch if self._by_identifier(r)
-                        and self.searchable.get(r["resourceType"], True)]
-            found.update(find_by_identifier(self.client, by_ident) if by_ident else {})
-            by_subject = [r for r in batch if self._by_identifier(r) and not self.searchable.get(r["resourceType"], True)]
-            if by_subject:
-                kinds = {r["resourceType"] for r in by_subject}
-                for kind in sorted(kinds):
-                    subjects = [s for r in by_subject if r["resourceType"] == kind
-                                for s in [self._resolve(r.get("subject", {}).get("reference", ""))] if s]
-                    found.update(find_by_subject(self.client, kind, subjects,
-                                                 [idents[self._key(r)] for r in by_subject if r["resourceType"] == kind]))
-            by_id = {self._key(r): idents[self._key(r)] for r in batch if not self._by_identifier(r)}
-            if by_id:
-                found.update(find_by_id(self.client, by_id))
-            written = self.ledger.written(self.server, [i.key for i in idents.values()]) if self.ledger else {}
-            for r in batch:
-                self._decide_one(r, idents[self._key(r)], found.get(idents[self._key(r)], []), written, groups)
+        for r in patients:
+            self._decide_one(r, idents[self._key(r)], found.get(idents[self._key(r)], []), written, groups)
+        by_subject = [r for r in others if self._by_identifier(r) and not self.searchable.get(r["resourceType"], True)]
+        if by_subject:
+            query = CopyQuery()
+            for kind in sorted({r["resourceType"] for r in by_subject}):
+                subjects = [s for r in by_subject if r["resourceType"] == kind
+                            for s in [self._resolve(r.get("subject", {}).get("reference", ""))] if s]
+                query.by_subject(kind, subjects, [idents[self._key(r)] for r in by_subject if r["resourceType"] == kind])
+            found.update(query.run(self.searcher))
+        for r in others:
+            self._decide_one(r, idents[self._key(r)], found.get(idents[self._key(r)], []), written, groups)
 
     def _decide_one(self, res: Resource, ident: Identity, copies: list[ServerCopy],
                     written: dict[str, Written], groups: list[Group]) -> None:
@@ -873,7 +948,7 @@ class Pusher:
                         wanted[ref] = Identity(*linked)
         if not wanted:
             return
-        found = find_by_identifier(self.client, wanted.values())
+        found = find_by_identifier(self.client, wanted.values(), self.searcher)
         missing: dict[str, str] = {}
         for ref, ident in wanted.items():
             copies = found.get(ident, [])
@@ -1261,7 +1336,7 @@ class Pusher:
         rows = []
         wanted = {server_key: self.decisions[key].ident for server_key, (_, key) in unknown.items()
                   if self._can_search(server_key.split("/", 1)[0])}
-        for ident, copies in find_by_id(self.client, wanted).items():
+        for ident, copies in find_by_id(self.client, wanted, self.searcher).items():
             for copy in copies:
                 _, key = unknown[f"{ident.kind}/{copy.id}"]
                 sent = self._sent.get(key)

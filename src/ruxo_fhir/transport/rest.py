@@ -843,10 +843,23 @@ class FhirClient:
         loop), and so does a search that goes on beyond ``max_pages`` pages (default
         DEFAULT_MAX_PAGES).
         """
-        limit = max_pages or DEFAULT_MAX_PAGES
-        url: str = self.url(self._resource_path(resource_type))
-        page_params: Params | None = params
-        seen: set[str] = set()
+        yield from self._pages(resource_type, self.url(self._resource_path(resource_type)), params,
+                               max_pages or DEFAULT_MAX_PAGES, set())
+
+    def next_pages(self, resource_type: str, page: Mapping[str, Any], *,
+                   max_pages: int | None = None) -> Iterator[dict[str, Any]]:
+        """The pages after a searchset Bundle obtained elsewhere (a batch entry's answer),
+        following its ``next`` links under the rules of :meth:`search_bundles`; ``max_pages``
+        counts that first page."""
+        link = _next_link(page)
+        if link is None:
+            return
+        next_url = urljoin(self.base_url + "/", link)
+        self._require_same_origin(next_url, "the next search page request")
+        yield from self._pages(resource_type, next_url, None, (max_pages or DEFAULT_MAX_PAGES) - 1, {next_url})
+
+    def _pages(self, resource_type: str, url: str, page_params: Params | None, limit: int,
+               seen: set[str]) -> Iterator[dict[str, Any]]:
         pages = 0
         while True:
             if pages >= limit:
