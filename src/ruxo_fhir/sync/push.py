@@ -852,13 +852,22 @@ class Pusher:
         """Server copies are found by identifier (server ids, or a Patient in link modes)."""
         return self.ids == "server" or (res["resourceType"] == "Patient" and self.mapping.patients.linked)
 
-    def _decide(self, groups: list[Group], ahead: _Ahead | None = None) -> None:
+    def _decide(self, groups: list[Group], ahead: _Ahead | None = None, *, again: bool = False) -> None:
         """Read the server's copies of every resource of these groups (batched searches; those
         read ahead under the id strategy still in use are not read again) and decide for each:
-        create, update (If-Match), unchanged, conflict, or reject its case."""
-        self.decisions.clear()
-        self.group_rejects.clear()
+        create, update (If-Match), unchanged, conflict, or reject its case.
+
+        `again` (a sending thread deciding its own chunk anew) replaces only these groups'
+        decisions in place: the other sending threads keep reading theirs meanwhile."""
         resources = [r for g in groups for r in g.resources]
+        if again:
+            for r in resources:
+                self.decisions.pop(self._key(r), None)
+            for g in groups:
+                self.group_rejects.pop(id(g), None)
+        else:
+            self.decisions.clear()
+            self.group_rejects.clear()
         self._resolve_links(groups)
         idents = {self._key(r): self._identity(r) for r in resources}
         if self.opt.prune or self.opt.check_retractions:
@@ -1181,17 +1190,18 @@ class Pusher:
         updated is this run's write that landed: counted as created/updated, as its reply would
         have said (HAPI's AdverseEvent, which R4 cannot search by identifier, is created by a
         plain POST and comes back this way)."""
-        saved_decisions, saved_rejects = dict(self.decisions), dict(self.group_rejects)
-        self._decide(groups)
-        todo = self._to_send(groups, hashes, first=False, landed=saved_decisions if lost_reply else None)
+        before = self._decisions_of(groups)
+        self._decide(groups, again=True)
+        todo = self._to_send(groups, hashes, first=False, landed=before if lost_reply else None)
         if todo:
             if self.result.mode == "transaction":
                 self._send_transaction(todo, hashes, redo + 1)
             else:
                 self._send_batch(todo, hashes)
-        saved_decisions.update(self.decisions)  # the other chunks of the window keep theirs
-        saved_rejects.update(self.group_rejects)
-        self.decisions, self.group_rejects = saved_decisions, saved_rejects
+
+    def _decisions_of(self, groups: list[Group]) -> dict[str, Decision]:
+        keys = (self._key(r) for g in groups for r in g.resources)
+        return {k: self.decisions[k] for k in keys if k in self.decisions}
 
     def _send_batch(self, groups: list[Group], hashes: dict[str, str]) -> None:
         resources = [r for g in groups for r in g.resources]
@@ -1214,12 +1224,9 @@ class Pusher:
         """A batch whose reply was lost and that cannot be resent blindly: read the server's
         copies of its entries again; what landed is counted as written, the rest goes again."""
         groups = [Group(case_of_key.get(self._key(r)), [r]) for r in part]
-        saved_decisions, saved_rejects = dict(self.decisions), dict(self.group_rejects)
-        self._decide(groups)
-        todo = self._to_send(groups, hashes, first=False, landed=saved_decisions)
-        saved_decisions.update(self.decisions)
-        saved_rejects.update(self.group_rejects)
-        self.decisions, self.group_rejects = saved_decisions, saved_rejects
+        before = self._decisions_of(groups)
+        self._decide(groups, again=True)
+        todo = self._to_send(groups, hashes, first=False, landed=before)
         return [r for g in todo for r in g.resources]
 
     def _retry_policy(self) -> RetryPolicy:
