@@ -95,14 +95,21 @@ class RejectsWriter:
 class _CaseBuilder:
     """Maps one case and validates its resources (in the main process or in a worker)."""
 
-    def __init__(self, mapping: MappingSpec, version: FhirVersion) -> None:
-        self.mapper = ForwardMapper(mapping)
+    def __init__(self, mapping: MappingSpec, version: FhirVersion, *, share_constants: bool = False) -> None:
+        self.mapper = ForwardMapper(mapping, share_constants=share_constants)
         self.validator = Validator(version)
         self.version = version
 
+    def resources(self, record: CaseRecord, include_patient: bool) -> list[Resource]:
+        """The case's resources in the output version (the mapper's fresh dicts, rewritten in place)."""
+        resources = self.mapper.case(record, include_patient=include_patient)
+        if self.version == "R4":
+            return resources
+        return [to_version(r, self.version, in_place=True) for r in resources]
+
     def build(self, record: CaseRecord, include_patient: bool) -> tuple[list[Resource], Problem | None]:
-        version, validate = self.version, self.validator.validate
-        resources = [to_version(r, version) for r in self.mapper.case(record, include_patient=include_patient)]
+        validate = self.validator.validate
+        resources = self.resources(record, include_patient)
         for res in resources:
             problems = validate(res)
             if problems:
@@ -155,13 +162,17 @@ def case_resources(
     mapping: MappingSpec,
     version: FhirVersion,
     on_reject: Callable[[Reject], None],
+    *,
+    share_constants: bool = False,
 ) -> Iterator[tuple[CaseRecord, list[Resource]]]:
     """Accepted cases with their validated resources; invalid ones become rejects.
 
     A Patient is emitted once, with the first accepted case of its patient_id that passes
     validation; nothing per case or per patient is kept here (see `_PatientsPending`).
+    `share_constants`: the resources share the mapping's constant values (see ForwardMapper),
+    for a caller that only serialises them.
     """
-    builder = _CaseBuilder(mapping, version)
+    builder = _CaseBuilder(mapping, version, share_constants=share_constants)
     pending = _PatientsPending()
     for item in reader:
         if isinstance(item, Reject):
@@ -191,7 +202,7 @@ _worker_state: tuple[CaseReader, _CaseBuilder] | None = None
 
 def _worker_init(reader: CaseReader, version: FhirVersion) -> None:
     global _worker_state
-    _worker_state = (reader, _CaseBuilder(reader.mapping, version))
+    _worker_state = (reader, _CaseBuilder(reader.mapping, version, share_constants=True))  # serialised at once
 
 
 def _serialize(resources: list[Resource]) -> Serialized:
@@ -213,14 +224,13 @@ def _worker_rows(rows: _Rows) -> list[_RowOutcome]:
     known in the main process (cross-row), so the Patient is built and judged on its own."""
     assert _worker_state is not None, "worker not initialised"
     reader, builder = _worker_state
-    version = builder.version
     out: list[_RowOutcome] = []
     for line, fields in rows:
         item = reader.parse(line, fields)
         if isinstance(item, Reject):
             out.append(item)
             continue
-        resources = [to_version(r, version) for r in builder.mapper.case(item, include_patient=True)]
+        resources = builder.resources(item, include_patient=True)
         patient: _Outcome | None = None
         if resources and resources[0]["resourceType"] == "Patient":
             patient = _checked(builder, resources[:1])
@@ -372,7 +382,7 @@ def import_cases(
                     on_accepted(record)
         else:
             write = writer.write
-            for record, resources in case_resources(reader, mapping, version, rejects.write):
+            for record, resources in case_resources(reader, mapping, version, rejects.write, share_constants=True):
                 for res in resources:
                     write(res)
                     counts[res["resourceType"]] += 1
