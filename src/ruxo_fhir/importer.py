@@ -150,11 +150,11 @@ class _PatientsPending:
     def settle(self, record: CaseRecord, included: bool, valid: bool) -> None:
         if not included:
             return
-        key = _digest(record.patient_id)
         if valid:
-            self._keys.discard(key)
+            if self._keys:  # almost always empty: no digest to compute
+                self._keys.discard(_digest(record.patient_id))
         else:
-            self._keys.add(key)
+            self._keys.add(_digest(record.patient_id))
 
 
 def case_resources(
@@ -269,42 +269,60 @@ def parallel_case_resources(
     are in flight, so memory stays flat. Verdicts, rejects and their order are those of one
     process.
     """
+    global _worker_state
     pending = _PatientsPending()
     admit = reader.admitter()
-    with _pool_context().Pool(jobs, initializer=_worker_init, initargs=(reader, version)) as pool:
-        inflight: deque[tuple[_Rows, AsyncResult[list[_RowOutcome]]]] = deque()
+    chunks = _chunks(reader.rows(), CHUNK_ROWS)
+    context = _pool_context()
+    inflight: deque[tuple[_Rows, Callable[[], list[_RowOutcome]]]] = deque()
+    init: tuple[Callable[..., None] | None, tuple[Any, ...]] = (_worker_init, (reader, version))
+    if context.get_start_method() == "fork":
+        # The first chunk is done here, before the workers fork: loading the FHIR models and
+        # compiling the first shapes (most of a worker's start-up) is paid once, and the forked
+        # workers inherit the warm builder instead of each building their own.
+        first = next(chunks, None)
+        if first is not None:
+            _worker_init(reader, version)
+            done = _worker_rows(first)
+            inflight.append((first, lambda: done))
+            init = (None, ())
+    try:
+        with context.Pool(jobs, initializer=init[0], initargs=init[1]) as pool:
 
-        def drain() -> Iterator[tuple[CaseRecord, Serialized]]:
-            rows, task = inflight.popleft()
-            for (line, fields), outcome in zip(rows, task.get()):
-                item = admit(line, fields, outcome if isinstance(outcome, Reject) else outcome[0])
-                if isinstance(item, Reject):
-                    on_reject(item)
-                    continue
-                record = item.record
-                assert not isinstance(outcome, Reject)
-                _, patient, rest = outcome
-                include = pending.include(item)
-                data: Serialized = []
-                problem: Problem | None = None
-                if include and patient is not None:  # the Patient is validated first, as in one process
-                    patient_data, problem = patient
-                    data = list(patient_data or ())
-                if problem is None:
-                    rest_data, problem = rest
-                    data += rest_data or ()
-                pending.settle(record, include, problem is None)
-                if problem is not None:
-                    _reject_accepted(reader, on_reject, record, version, problem)
-                    continue
-                yield record, data
+            def drain() -> Iterator[tuple[CaseRecord, Serialized]]:
+                rows, get = inflight.popleft()
+                for (line, fields), outcome in zip(rows, get()):
+                    item = admit(line, fields, outcome if isinstance(outcome, Reject) else outcome[0])
+                    if isinstance(item, Reject):
+                        on_reject(item)
+                        continue
+                    record = item.record
+                    assert not isinstance(outcome, Reject)
+                    _, patient, rest = outcome
+                    include = pending.include(item)
+                    data: Serialized = []
+                    problem: Problem | None = None
+                    if include and patient is not None:  # the Patient is validated first, as in one process
+                        patient_data, problem = patient
+                        data = list(patient_data or ())
+                    if problem is None:
+                        rest_data, problem = rest
+                        data += rest_data or ()
+                    pending.settle(record, include, problem is None)
+                    if problem is not None:
+                        _reject_accepted(reader, on_reject, record, version, problem)
+                        continue
+                    yield record, data
 
-        for chunk in _chunks(reader.rows(), CHUNK_ROWS):
-            inflight.append((chunk, pool.apply_async(_worker_rows, (chunk,))))
-            while len(inflight) > 2 * jobs:
+            for chunk in chunks:
+                task: AsyncResult[list[_RowOutcome]] = pool.apply_async(_worker_rows, (chunk,))
+                inflight.append((chunk, task.get))
+                while len(inflight) > 2 * jobs:
+                    yield from drain()
+            while inflight:
                 yield from drain()
-        while inflight:
-            yield from drain()
+    finally:
+        _worker_state = None  # the main process's warm builder (forked workers have their copy)
     admit.finish()
 
 
@@ -313,8 +331,7 @@ class _RawNdjsonWriter(NdjsonWriter):
     newline included)."""
 
     def write_raw(self, kind: str, data: bytes) -> None:
-        fh = self._file(kind)
-        fh.write(data)
+        (self._writes.get(kind) or self._file(kind).write)(data)
 
 
 # --- the import ---------------------------------------------------------------------------
