@@ -388,12 +388,12 @@ def import_cases(
     try:
         rejects = RejectsWriter(rej_path)
         if jobs > 1:
+            bundle_write = writer.write
+            write_raw = (writer.write_raw if isinstance(writer, _RawNdjsonWriter)
+                         else lambda _kind, data: bundle_write(orjson.loads(data)))
             for record, serialized in parallel_case_resources(reader, mapping, version, rejects.write, jobs):
                 for kind, data in serialized:
-                    if isinstance(writer, _RawNdjsonWriter):
-                        writer.write_raw(kind, data)
-                    else:
-                        writer.write(orjson.loads(data))
+                    write_raw(kind, data)
                     counts[kind] += 1
                 if on_accepted:
                     on_accepted(record)

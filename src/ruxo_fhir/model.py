@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from decimal import Decimal
+from operator import attrgetter
 
 # The canonical case columns, in export order: the code reads each of them, so a mapping must
 # declare every one (a column the mapping forgot would be read as empty, silently).
@@ -40,6 +41,11 @@ class CaseRecord:
     recurrence_after_stop: bool | None = None
     row: int | None = None
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # pickled (to and from `import --jobs` workers) as new_record(*fields): the frozen
+        # dataclass's own state protocol sets each field through object.__setattr__
+        return new_record, _record_fields(self)
+
     def to_row(self) -> dict[str, str]:
         """The canonical CSV row (strings; lists `;`-joined; decimals plain)."""
         return {
@@ -67,6 +73,7 @@ class CaseRecord:
 # through object.__setattr__ (a generic attribute lookup per field); the reader builds one record
 # per row, so `new_record` sets the slots directly: the same record for a third of the cost.
 _RECORD_SLOTS = tuple(getattr(CaseRecord, f.name).__set__ for f in fields(CaseRecord))
+_record_fields = attrgetter(*(f.name for f in fields(CaseRecord)))
 _new = object.__new__
 
 
