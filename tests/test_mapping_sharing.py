@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
 from cohort_gen import write_cases
+
 from ruxo_fhir.fhir_version import to_version
 from ruxo_fhir.mapping.forward import ForwardMapper
 from ruxo_fhir.mapping.spec import load_mapping
