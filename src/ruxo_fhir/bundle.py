@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -162,16 +162,19 @@ class NdjsonWriter:
         directory.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         self._files: dict[str, IO[bytes]] = {}
+        self._writes: dict[str, Callable[[bytes], int]] = {}  # each file's bound `write`: one lookup a resource
 
     def _file(self, kind: str) -> IO[bytes]:
         fh = self._files.get(kind)
         if fh is None:
             fh = self._files[kind] = open_private(self._tmp / f"{kind}.ndjson")
+            self._writes[kind] = fh.write
         return fh
 
     def write(self, resource: Resource) -> None:
-        fh = self._file(resource["resourceType"])
-        fh.write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
+        kind = resource["resourceType"]
+        write = self._writes.get(kind) or self._file(kind).write
+        write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
 
     def close(self) -> None:
         """Move the finished files into place; on any failure (a full disk) nothing is left behind."""

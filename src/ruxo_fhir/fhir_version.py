@@ -111,11 +111,16 @@ def _statement_status_r5(status: str) -> str:
     return "entered-in-error" if status == "entered-in-error" else "recorded"
 
 
-def to_version(resource: Resource, version: FhirVersion) -> Resource:
-    """Rewrite one R4-shaped resource for `version` (R4: returned as is)."""
+def to_version(resource: Resource, version: FhirVersion, *, in_place: bool = False) -> Resource:
+    """Rewrite one R4-shaped resource for `version` (R4: returned as is).
+
+    A copy is rewritten, unless `in_place`: for a resource just built by the forward mapping
+    and owned by the caller (the import), whose top-level keys and AdverseEvent
+    `suspectEntity` entries (the only nested values rewritten) are its own.
+    """
     if version == "R4":
         return resource
-    res = copy.deepcopy(resource)
+    res = resource if in_place else copy.deepcopy(resource)
     kind = res.get("resourceType")
     if kind == "MedicationStatement":
         res["status"] = _statement_status_r5(res.get("status", "recorded"))

@@ -96,14 +96,21 @@ class RejectsWriter:
 class _CaseBuilder:
     """Maps one case and validates its resources (in the main process or in a worker)."""
 
-    def __init__(self, mapping: MappingSpec, version: FhirVersion) -> None:
-        self.mapper = ForwardMapper(mapping)
+    def __init__(self, mapping: MappingSpec, version: FhirVersion, *, share_constants: bool = False) -> None:
+        self.mapper = ForwardMapper(mapping, share_constants=share_constants)
         self.validator = Validator(version)
         self.version = version
 
+    def resources(self, record: CaseRecord, include_patient: bool) -> list[Resource]:
+        """The case's resources in the output version (the mapper's fresh dicts, rewritten in place)."""
+        resources = self.mapper.case(record, include_patient=include_patient)
+        if self.version == "R4":
+            return resources
+        return [to_version(r, self.version, in_place=True) for r in resources]
+
     def build(self, record: CaseRecord, include_patient: bool) -> tuple[list[Resource], Problem | None]:
-        version, validate = self.version, self.validator.validate
-        resources = [to_version(r, version) for r in self.mapper.case(record, include_patient=include_patient)]
+        validate = self.validator.validate
+        resources = self.resources(record, include_patient)
         for res in resources:
             problems = validate(res)
             if problems:
@@ -144,11 +151,11 @@ class _PatientsPending:
     def settle(self, record: CaseRecord, included: bool, valid: bool) -> None:
         if not included:
             return
-        key = _digest(record.patient_id)
         if valid:
-            self._keys.discard(key)
+            if self._keys:  # almost always empty: no digest to compute
+                self._keys.discard(_digest(record.patient_id))
         else:
-            self._keys.add(key)
+            self._keys.add(_digest(record.patient_id))
 
 
 def case_resources(
@@ -156,13 +163,17 @@ def case_resources(
     mapping: MappingSpec,
     version: FhirVersion,
     on_reject: Callable[[Reject], None],
+    *,
+    share_constants: bool = False,
 ) -> Iterator[tuple[CaseRecord, list[Resource]]]:
     """Accepted cases with their validated resources; invalid ones become rejects.
 
     A Patient is emitted once, with the first accepted case of its patient_id that passes
     validation; nothing per case or per patient is kept here (see `_PatientsPending`).
+    `share_constants`: the resources share the mapping's constant values (see ForwardMapper),
+    for a caller that only serialises them.
     """
-    builder = _CaseBuilder(mapping, version)
+    builder = _CaseBuilder(mapping, version, share_constants=share_constants)
     pending = _PatientsPending()
     for item in reader:
         if isinstance(item, Reject):
@@ -192,7 +203,7 @@ _worker_state: tuple[CaseReader, _CaseBuilder] | None = None
 
 def _worker_init(reader: CaseReader, version: FhirVersion) -> None:
     global _worker_state
-    _worker_state = (reader, _CaseBuilder(reader.mapping, version))
+    _worker_state = (reader, _CaseBuilder(reader.mapping, version, share_constants=True))  # serialised at once
 
 
 def _serialize(resources: list[Resource]) -> Serialized:
@@ -214,14 +225,13 @@ def _worker_rows(rows: _Rows) -> list[_RowOutcome]:
     known in the main process (cross-row), so the Patient is built and judged on its own."""
     assert _worker_state is not None, "worker not initialised"
     reader, builder = _worker_state
-    version = builder.version
     out: list[_RowOutcome] = []
     for line, fields in rows:
         item = reader.parse(line, fields)
         if isinstance(item, Reject):
             out.append(item)
             continue
-        resources = [to_version(r, version) for r in builder.mapper.case(item, include_patient=True)]
+        resources = builder.resources(item, include_patient=True)
         patient: _Outcome | None = None
         if resources and resources[0]["resourceType"] == "Patient":
             patient = _checked(builder, resources[:1])
@@ -262,42 +272,60 @@ def parallel_case_resources(
     are in flight, so memory stays flat. Verdicts, rejects and their order are those of one
     process.
     """
+    global _worker_state
     pending = _PatientsPending()
     admit = reader.admitter()
-    with _pool_context().Pool(jobs, initializer=_worker_init, initargs=(reader, version)) as pool:
-        inflight: deque[tuple[_Rows, AsyncResult[list[_RowOutcome]]]] = deque()
+    chunks = _chunks(reader.rows(), CHUNK_ROWS)
+    context = _pool_context()
+    inflight: deque[tuple[_Rows, Callable[[], list[_RowOutcome]]]] = deque()
+    init: tuple[Callable[..., None] | None, tuple[Any, ...]] = (_worker_init, (reader, version))
+    if context.get_start_method() == "fork":
+        # The first chunk is done here, before the workers fork: loading the FHIR models and
+        # compiling the first shapes (most of a worker's start-up) is paid once, and the forked
+        # workers inherit the warm builder instead of each building their own.
+        first = next(chunks, None)
+        if first is not None:
+            _worker_init(reader, version)
+            done = _worker_rows(first)
+            inflight.append((first, lambda: done))
+            init = (None, ())
+    try:
+        with context.Pool(jobs, initializer=init[0], initargs=init[1]) as pool:
 
-        def drain() -> Iterator[tuple[CaseRecord, Serialized]]:
-            rows, task = inflight.popleft()
-            for (line, fields), outcome in zip(rows, task.get()):
-                item = admit(line, fields, outcome if isinstance(outcome, Reject) else outcome[0])
-                if isinstance(item, Reject):
-                    on_reject(item)
-                    continue
-                record = item.record
-                assert not isinstance(outcome, Reject)
-                _, patient, rest = outcome
-                include = pending.include(item)
-                data: Serialized = []
-                problem: Problem | None = None
-                if include and patient is not None:  # the Patient is validated first, as in one process
-                    patient_data, problem = patient
-                    data = list(patient_data or ())
-                if problem is None:
-                    rest_data, problem = rest
-                    data += rest_data or ()
-                pending.settle(record, include, problem is None)
-                if problem is not None:
-                    _reject_accepted(reader, on_reject, record, version, problem)
-                    continue
-                yield record, data
+            def drain() -> Iterator[tuple[CaseRecord, Serialized]]:
+                rows, get = inflight.popleft()
+                for (line, fields), outcome in zip(rows, get()):
+                    item = admit(line, fields, outcome if isinstance(outcome, Reject) else outcome[0])
+                    if isinstance(item, Reject):
+                        on_reject(item)
+                        continue
+                    record = item.record
+                    assert not isinstance(outcome, Reject)
+                    _, patient, rest = outcome
+                    include = pending.include(item)
+                    data: Serialized = []
+                    problem: Problem | None = None
+                    if include and patient is not None:  # the Patient is validated first, as in one process
+                        patient_data, problem = patient
+                        data = list(patient_data or ())
+                    if problem is None:
+                        rest_data, problem = rest
+                        data += rest_data or ()
+                    pending.settle(record, include, problem is None)
+                    if problem is not None:
+                        _reject_accepted(reader, on_reject, record, version, problem)
+                        continue
+                    yield record, data
 
-        for chunk in _chunks(reader.rows(), CHUNK_ROWS):
-            inflight.append((chunk, pool.apply_async(_worker_rows, (chunk,))))
-            while len(inflight) > 2 * jobs:
+            for chunk in chunks:
+                task: AsyncResult[list[_RowOutcome]] = pool.apply_async(_worker_rows, (chunk,))
+                inflight.append((chunk, task.get))
+                while len(inflight) > 2 * jobs:
+                    yield from drain()
+            while inflight:
                 yield from drain()
-        while inflight:
-            yield from drain()
+    finally:
+        _worker_state = None  # the main process's warm builder (forked workers have their copy)
     admit.finish()
 
 
@@ -306,8 +334,7 @@ class _RawNdjsonWriter(NdjsonWriter):
     newline included)."""
 
     def write_raw(self, kind: str, data: bytes) -> None:
-        fh = self._file(kind)
-        fh.write(data)
+        (self._writes.get(kind) or self._file(kind).write)(data)
 
 
 # --- the import ---------------------------------------------------------------------------
@@ -364,18 +391,18 @@ def import_cases(
     try:
         rejects = RejectsWriter(rej_path)
         if jobs > 1:
+            bundle_write = writer.write
+            write_raw = (writer.write_raw if isinstance(writer, _RawNdjsonWriter)
+                         else lambda _kind, data: bundle_write(orjson.loads(data)))
             for record, serialized in parallel_case_resources(reader, mapping, version, rejects.write, jobs):
                 for kind, data in serialized:
-                    if isinstance(writer, _RawNdjsonWriter):
-                        writer.write_raw(kind, data)
-                    else:
-                        writer.write(orjson.loads(data))
+                    write_raw(kind, data)
                     counts[kind] += 1
                 if on_accepted:
                     on_accepted(record)
         else:
             write = writer.write
-            for record, resources in case_resources(reader, mapping, version, rejects.write):
+            for record, resources in case_resources(reader, mapping, version, rejects.write, share_constants=True):
                 for res in resources:
                     write(res)
                     counts[res["resourceType"]] += 1

@@ -22,6 +22,7 @@ from ruxo_fhir.model import CANONICAL_COLUMNS as CANONICAL_COLUMNS
 from ruxo_fhir.model import CaseRecord as CaseRecord
 from ruxo_fhir.model import Reject as Reject
 from ruxo_fhir.model import format_decimal as format_decimal
+from ruxo_fhir.model import new_record
 from ruxo_fhir.spreadsheet import is_workbook, refuse_other_workbook, sheet_rows
 
 _FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -290,6 +291,8 @@ def _script(ch: str) -> str:
 def identifier(column: str, value: str) -> str:
     """An identifier as compared and stored: NFC-normalised; invisible characters and
     mixed-script look-alikes (a Cyrillic С in "С01") are refused with the reason."""
+    if value.isascii() and value.isprintable():
+        return value  # NFC already; no invisible character; Latin letters only
     text = unicodedata.normalize("NFC", value)
     for ch in text:
         if unicodedata.category(ch) in ("Cf", "Cc", "Co", "Cn") or (ch.isspace() and ch != " "):
@@ -309,81 +312,139 @@ def identifier(column: str, value: str) -> str:
     return text
 
 
-def parse_row(values: dict[str, str], mapping: MappingSpec, row: int) -> CaseRecord:
-    """Validate one row's canonical values; raise _RowError naming the column and why."""
-    for column in mapping.required_columns:
+_SCORE_COLUMNS = ("baseline_score", "followup_score")
+_FLAGS = {**dict.fromkeys(_YES, True), **dict.fromkeys(_NO, False)}
+_MINUS_100, _PLUS_100, _ZERO = Decimal(-100), Decimal(100), Decimal(0)
+_MEMO_CAP = 1 << 16  # values remembered per memo; emptied when full, so memory stays flat
+
+
+class RowRules:
+    """What parsing a row needs from the mapping, looked up once per file, with memos of the
+    values already read: dates, numbers and labels repeat across rows, and reading one
+    (regex, `Decimal`, `date.fromisoformat`) costs more than the rest of the row. Only
+    successes are remembered; a bad value is read (and explained) again every time."""
+
+    def __init__(self, mapping: MappingSpec) -> None:
+        self.required = tuple(mapping.required_columns)
+        self.sex = mapping.sex_spellings()
+        self.frequencies = mapping.medication.frequencies
+        self.formats = mapping.date_formats
+        self.dates: tuple[tuple[str, bool, bool, dict[str, str]], ...] = tuple(
+            (column, allow_month, allow_year, {}) for column, allow_month, allow_year in _DATE_COLUMNS)
+        self.decimals: dict[str, Decimal] = {}
+        self.labels: dict[str, tuple[str, ...]] = {}
+
+    def date(self, column: str, raw: str, allow_month: bool, allow_year: bool, memo: dict[str, str]) -> str:
+        iso = memo.get(raw)
+        if iso is None:
+            iso = read_date(column, raw, self.formats, allow_month=allow_month, allow_year=allow_year)
+            if len(memo) >= _MEMO_CAP:
+                memo.clear()
+            memo[raw] = iso
+        return iso
+
+    def decimal(self, column: str, raw: str) -> Decimal:
+        number = self.decimals.get(raw)
+        if number is None:
+            number = _decimal(column, raw)
+            if len(self.decimals) >= _MEMO_CAP:
+                self.decimals.clear()
+            self.decimals[raw] = number
+        return number
+
+    def label_list(self, raw: str) -> tuple[str, ...]:
+        found = self.labels.get(raw)
+        if found is None:
+            found = _labels(raw)
+            if len(self.labels) >= _MEMO_CAP:
+                self.labels.clear()
+            self.labels[raw] = found
+        return found
+
+
+def parse_row(values: dict[str, str], rules: RowRules, row: int) -> CaseRecord:
+    """Validate one row's canonical values; raise _RowError naming the column and why.
+
+    The checks run in a fixed order (required, sex, frequency, dates, date order, numbers,
+    score name, recurrence, identifiers): a row with several problems is rejected for the
+    first, the same one on every run.
+    """
+    for column in rules.required:
         if not values.get(column):
             raise _RowError(column, "required value is missing")
-    sex = mapping.sex_code(values["sex"])
+    sex = rules.sex.get(values["sex"].strip().lower())
     if sex is None:
         raise _RowError("sex", f"unknown sex {values['sex']!r} (expected F, M, other or unknown)")
     frequency = values["frequency"].upper()
-    if frequency not in mapping.medication.frequencies:
-        allowed = " or ".join(mapping.medication.frequencies)
+    if frequency not in rules.frequencies:
+        allowed = " or ".join(rules.frequencies)
         raise _RowError("frequency", f"unknown frequency {values['frequency']!r} (expected {allowed})")
-    formats = mapping.date_formats
-    dates: dict[str, str | None] = {}
+    dates: list[str | None] = []
     bad: list[_RowError] = []
-    for column, allow_month, allow_year in _DATE_COLUMNS:
-        raw = values.get(column) or None
+    for column, allow_month, allow_year, memo in rules.dates:
+        raw = values.get(column)
+        if not raw:
+            dates.append(None)
+            continue
         try:
-            dates[column] = raw and read_date(column, raw, formats, allow_month=allow_month, allow_year=allow_year)
+            dates.append(rules.date(column, raw, allow_month, allow_year, memo))
         except _RowError as exc:
             bad.append(exc)
     if bad:  # every bad date of the row, not only the first
         raise _RowError(bad[0].column, "; ".join([bad[0].error, *(f"{e.column}: {e.error}" for e in bad[1:])]))
-    start = dates["treatment_start"]
+    birth, onset, start, evaluation = dates  # the order of _DATE_COLUMNS
     assert start is not None  # a required column
-    birth = dates["birth_date"]
     if birth:
         if birth[:4] > start[:4] or (len(birth) == 10 and birth > start):
             raise _RowError("birth_date", "birth date is after treatment start")
-    onset = dates["disease_onset"]
-    evaluation = dates["evaluation_date"]
     if evaluation:
         if evaluation < start:
             raise _RowError("evaluation_date", f"evaluation {evaluation} is before treatment start {start}")
     improvement = None
-    if values.get("improvement_pct"):
-        improvement = _decimal("improvement_pct", values["improvement_pct"])
-        if not Decimal(-100) <= improvement <= Decimal(100):
-            raise _RowError("improvement_pct", f"{values['improvement_pct']!r} is outside -100..100")
-    scores: dict[str, Decimal | None] = {}
-    for column in ("baseline_score", "followup_score"):
-        scores[column] = None
-        if values.get(column):
-            number = _decimal(column, values[column])
-            if number < 0:
-                raise _RowError(column, f"negative score {values[column]!r}")
-            scores[column] = number
+    raw = values.get("improvement_pct")
+    if raw:
+        improvement = rules.decimal("improvement_pct", raw)
+        if not _MINUS_100 <= improvement <= _PLUS_100:
+            raise _RowError("improvement_pct", f"{raw!r} is outside -100..100")
+    scores: list[Decimal | None] = []
+    for column in _SCORE_COLUMNS:
+        raw = values.get(column)
+        if not raw:
+            scores.append(None)
+            continue
+        number = rules.decimal(column, raw)
+        if number < _ZERO:
+            raise _RowError(column, f"negative score {raw!r}")
+        scores.append(number)
+    baseline, followup = scores
     score_name = values.get("score_name") or None
-    if score_name is None and any(v is not None for v in scores.values()):
+    if score_name is None and (baseline is not None or followup is not None):
         raise _RowError("score_name", "required when a baseline or follow-up score is given")
     recurrence = None
-    if values.get("recurrence_after_stop"):
-        flag = values["recurrence_after_stop"].lower()
-        if flag not in _YES | _NO:
-            raise _RowError("recurrence_after_stop", f"expected yes or no, got {values['recurrence_after_stop']!r}")
-        recurrence = flag in _YES
-    return CaseRecord(
-        case_id=identifier("case_id", values["case_id"]),
-        patient_id=identifier("patient_id", values["patient_id"]),
-        sex=sex,
-        birth_date=birth,
-        indication=values["indication"],
-        site=values.get("site") or None,
-        disease_onset=onset,
-        prior_treatments=_labels(values.get("prior_treatments", "")),
-        treatment_start=start,
-        frequency=frequency,
-        evaluation_date=evaluation,
-        improvement_pct=improvement,
-        score_name=score_name,
-        baseline_score=scores["baseline_score"],
-        followup_score=scores["followup_score"],
-        adverse_events=_labels(values.get("adverse_events", "")),
-        recurrence_after_stop=recurrence,
-        row=row,
+    raw = values.get("recurrence_after_stop")
+    if raw:
+        recurrence = _FLAGS.get(raw.lower())
+        if recurrence is None:
+            raise _RowError("recurrence_after_stop", f"expected yes or no, got {raw!r}")
+    return new_record(  # the fields of CaseRecord, in order
+        identifier("case_id", values["case_id"]),
+        identifier("patient_id", values["patient_id"]),
+        sex,
+        values["indication"],
+        start,
+        frequency,
+        birth,
+        values.get("site") or None,
+        onset,
+        rules.label_list(values.get("prior_treatments", "")),
+        evaluation,
+        improvement,
+        score_name,
+        baseline,
+        followup,
+        rules.label_list(values.get("adverse_events", "")),
+        recurrence,
+        row,
     )
 
 
@@ -471,6 +532,43 @@ class CrossRowIndex:
             self._patient_keys, self._patient_traits = self._grown(self._patient_keys, self._patient_traits)
         return True
 
+    def admit(self, record: CaseRecord) -> bool:
+        """`check` and then `add` in one pass (each key hashed and probed once): True when the
+        patient is new; a failed check raises the same _RowError and registers nothing."""
+        case = hash(record.case_id) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        keys = self._case_keys
+        mask = len(keys) - 1
+        i = case & mask
+        while found := keys[i]:
+            if found == case:
+                raise _RowError("case_id", f"duplicate case_id {record.case_id!r} (the first row wins)")
+            i = (i + 1) & mask
+        patient = hash(record.patient_id) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        traits = hash((record.sex, record.birth_date)) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        pkeys = self._patient_keys
+        pmask = len(pkeys) - 1
+        j = patient & pmask
+        while (found := pkeys[j]) and found != patient:
+            j = (j + 1) & pmask
+        if found and self._patient_traits[j] != traits:
+            raise _RowError(
+                "patient_id",
+                f"patient {record.patient_id!r} has another sex or birth_date in an earlier row",
+            )
+        self._last = None
+        keys[i] = case
+        self._cases += 1
+        if self._cases * 2 > len(keys):
+            self._case_keys = self._grown(keys)[0]
+        if found:
+            return False
+        pkeys[j] = patient
+        self._patient_traits[j] = traits
+        self._patients += 1
+        if self._patients * 2 > len(pkeys):
+            self._patient_keys, self._patient_traits = self._grown(pkeys, self._patient_traits)
+        return True
+
     def _grown(self, keys: array[int], values: array[int] | None = None) -> tuple[array[int], array[int]]:
         size = len(keys) * 2
         new_keys = array("Q", bytes(8 * size))
@@ -536,7 +634,7 @@ class Admitter:
             report.rejected += 1
             return item
         try:
-            self.index.check(item)
+            new_patient = self.index.admit(item)
         except _RowError as exc:
             report.rejected += 1
             return Reject(line, self.reader._values(fields), exc.column, exc.error)
@@ -544,7 +642,7 @@ class Admitter:
         if item.improvement_pct is not None:
             self.fractions.add(item.improvement_pct)
         report.accepted += 1
-        return Accepted(item, self.index.add(item))
+        return Accepted(item, new_patient)
 
     def finish(self) -> None:
         self.fractions.warn(self.reader.report)
@@ -579,6 +677,10 @@ class CaseReader:
             self.report.warn("the file is UTF-8 except for stray bytes; rows holding them are rejected "
                              "(re-save the file as UTF-8)")
         self._columns = self._read_header()
+        self._rules = RowRules(mapping)
+        self._template = dict.fromkeys(CANONICAL_COLUMNS, "")
+        self._slots: list[tuple[int, str]] = [(i, name) for i, name in enumerate(self._columns) if name is not None]
+        self._every_column_mapped = len(self._slots) == len(self._columns)
 
     def _open(self) -> TextIO:
         return self.path.open("r", encoding=self.report.encoding, errors=self._errors, newline="")
@@ -694,7 +796,7 @@ class CaseReader:
                 _check_no_stray_bytes(values)
             if len(fields) > len(self._columns) and any(f.strip() for f in fields[len(self._columns):]):
                 raise _RowError("-", f"row has {len(fields)} fields but the header has {len(self._columns)}")
-            return parse_row(values, self.mapping, line)
+            return parse_row(values, self._rules, line)
         except _RowError as exc:
             return Reject(line, values, exc.column, exc.error)
 
@@ -703,7 +805,18 @@ class CaseReader:
         return Admitter(self)
 
     def _values(self, fields: list[str]) -> dict[str, str]:
-        values = dict.fromkeys(CANONICAL_COLUMNS, "")
+        """The row's values by canonical column name (every canonical column present)."""
+        values = self._template.copy()
+        joined = "".join(fields)
+        if "\ufeff" not in joined and "'" not in joined:  # nothing to take off but spaces
+            if self._every_column_mapped:
+                values.update(zip(self._columns, map(str.strip, fields)))  # type: ignore[arg-type]
+            else:
+                n = len(fields)
+                for i, column in self._slots:
+                    if i < n:
+                        values[column] = fields[i].strip()
+            return values
         for name, raw in zip(self._columns, fields):
             if name is not None:
                 # a formula guard (') added by our CSV writers is taken off again

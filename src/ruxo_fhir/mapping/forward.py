@@ -26,65 +26,124 @@ def number(value: Decimal) -> int | float:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def _concept(value: dict[str, Any]) -> Callable[[], dict[str, Any]]:
-    """Fresh copies of a constant CodeableConcept (`coding` of flat dicts, optional `text`).
+def _copier(value: Any) -> Callable[[], Any]:
+    """A function returning a fresh deep copy of a JSON value (dicts, lists, scalars), key
+    order kept; compiled once for the value's shape (flat dicts and lists by their C `copy`)."""
+    if isinstance(value, dict):
+        nested = [(k, _copier(v)) for k, v in value.items() if isinstance(v, (dict, list))]
+        if not nested:
+            return value.copy
 
-    A mapping fixes many concepts (medication, route, a label's codes, categories): they are
-    built once per mapper and copied per resource (a caller may edit a resource), which costs a
-    fraction of rebuilding them. Key order is kept (`coding` first), so output bytes are too.
+        def copy_dict() -> dict[str, Any]:
+            out = value.copy()  # keys in place; nested values replaced by copies below
+            for key, copy in nested:
+                out[key] = copy()
+            return out
+
+        return copy_dict
+    if isinstance(value, list):
+        if not any(isinstance(v, (dict, list)) for v in value):
+            return value.copy
+        copies = [_copier(v) for v in value]
+        return lambda: [copy() for copy in copies]
+    return lambda: value
+
+
+def _constant(value: Any, share: bool) -> Callable[[], Any]:
+    """A factory of a JSON value the mapping fixes (a concept, a category, a dosage).
+
+    Built once per mapper. `share`: every resource gets the very same object (for a caller
+    that only reads and serialises resources, as the import does: no copy per resource);
+    otherwise each call returns a fresh copy, so a caller may edit one resource safely.
     """
-    codings = tuple(value["coding"])
-    if "text" in value:
-        text = value["text"]
-        return lambda: {"coding": [c.copy() for c in codings], "text": text}
-    return lambda: {"coding": [c.copy() for c in codings]}
+    if share:
+        return lambda: value
+    return _copier(value)
 
 
 class ForwardMapper:
     """Builds the FHIR resources of one case; holds only the mapping, no cohort state.
 
-    Hot path of the import: constant concepts are built once (see `_concept`), and the ids a
-    case's resources share (patient, condition, statement) are derived once per case.
+    Hot path of the import: every value the mapping fixes (concepts, categories, dosages,
+    statuses, systems) is built once per mapper (see `_constant`), and the ids a case's
+    resources share (patient, condition, statement) are derived once per case.
+
+    `share_constants=True` puts the same constant objects into every resource: only for a
+    caller that never edits a resource's nested values (the import serialises them at once;
+    `to_version(..., in_place=True)` rewrites top-level keys and the AdverseEvent's own
+    `suspectEntity` entries, which are never shared).
     """
 
-    def __init__(self, mapping: MappingSpec) -> None:
-        self.m = mapping
+    def __init__(self, mapping: MappingSpec, *, share_constants: bool = False) -> None:
+        self.m = m = mapping
         self.sys = sys_ = mapping.identifier_systems
+        self._share = share = share_constants
         self._patient_ids: dict[str, str] = {}  # small memo (patients have several cases)
         self._patient_id = id_deriver("Patient", sys_.patient)
         self._statement_id = id_deriver("MedicationStatement", sys_.case)
         self._part_ids: dict[str, Callable[[str], str]] = {}
-        self._last: tuple[CaseRecord | None, tuple[str, str, str]] = (None, ("", "", ""))
+        self._condition_id = self._deriver("Condition")
+        self._prior_id = self._deriver("MedicationStatement")
+        self._observation_id = self._deriver("Observation")
+        self._adverse_id = self._deriver("AdverseEvent")
+        self._case_system, self._resource_system = sys_.case, sys_.resource
+        self._last: tuple[CaseRecord | None, tuple[str, str, str, str, str]] = (None, ("", "", "", "", ""))
         self._link = mapping.patients.mode == "link"
-        m, s = mapping, mapping.systems
-        self._labels: dict[int, dict[str, Callable[[], dict[str, Any]]]] = {
-            id(table): {label: _concept(self._build_label_concept(spec, project, label))
-                        for label, spec in table.items()}
+        self._link_prefix = f"Patient?identifier={m.patients.match_system}|"
+        self._second_patient_system = (m.patients.match_system if m.patients.mode == "link-or-create"
+                                       and m.patients.match_system and m.patients.match_system != sys_.patient
+                                       else None)
+        self._genders = {key: str(value) for key, value in m.sex.items() if key != "aliases"}
+        s = m.systems
+        self._indications, self._prior_treatments, self._adverse_events = (
+            {label: _constant(self._build_label_concept(spec, project, label), share) for label, spec in table.items()}
             for project, table in (("indication", m.indications), ("prior_treatment", m.prior_treatments),
-                                   ("adverse_event", m.adverse_events))
-        }
-        self._body_sites = {key: m.coding(code) for key, code in m.body_sites.items() if m.keeps(code)}
-        self._clinical = _concept({"coding": [{"system": s["condition_clinical"], "code": mapping.statuses.condition_clinical}]})
-        self._verification = _concept({"coding": [{"system": s["condition_verification"], "code": "confirmed"}]})
-        self._condition_category = _concept({"coding": [{"system": s["condition_category"],
-                                                         "code": "problem-list-item"}]})
+                                   ("adverse_event", m.adverse_events)))
+        self._body_sites = {key: _constant([m.coding(code)], share)
+                            for key, code in m.body_sites.items() if m.keeps(code)}
+        statuses = m.statuses
+        self._statement_status, self._prior_status = statuses.medication_statement, statuses.prior_treatment
+        self._observation_status = statuses.observation
+        self._clinical = _constant({"coding": [{"system": s["condition_clinical"],
+                                                "code": statuses.condition_clinical}]}, share)
+        self._verification = _constant({"coding": [{"system": s["condition_verification"], "code": "confirmed"}]},
+                                       share)
+        self._condition_category = _constant([{"coding": [{"system": s["condition_category"],
+                                                           "code": "problem-list-item"}]}], share)
         med = m.medication
-        self._medication = _concept({"coding": m.codings(med.codes), "text": med.text})
-        self._route = _concept({"coding": m.codings(med.route.codes), "text": med.route.text})
+        self._medication = _constant({"coding": m.codings(med.codes), "text": med.text}, share)
+        route = {"coding": m.codings(med.route.codes), "text": med.route.text}
+        timing_system = s["timing_abbreviation"]
         # integral periods as JSON integers: servers echo `1`, not `1.0`, and the push ledger /
         # dry-run compare content byte for byte
-        self._repeats = {key: (freq.frequency, number(Decimal(str(freq.period))), freq.period_unit)
-                         for key, freq in med.frequencies.items()}
-        self._timing_system = s["timing_abbreviation"]
-        self._categories: dict[str, Callable[[], dict[str, Any]]] = {}
-        self._absent_reason = _concept({"coding": [{"system": s["data_absent_reason"], "code": "unknown"}]})
-        self._codes = {name: _concept({"coding": [m.coding(code)], "text": code.display or code.code})
+        self._dosages = {key: _constant([{
+            "text": freq.text,
+            "timing": {
+                "repeat": {"frequency": freq.frequency, "period": number(Decimal(str(freq.period))),
+                           "periodUnit": freq.period_unit},
+                "code": {"coding": [{"system": timing_system, "code": key}], "text": key},
+            },
+            "route": route,
+        }], share) for key, freq in med.frequencies.items()}
+        self._categories: dict[str, Callable[[], list[dict[str, Any]]]] = {}
+        self._absent = _constant({"coding": [{"system": s["data_absent_reason"], "code": "unknown"}]}, share)
+        self._codes = {name: _constant({"coding": [m.coding(code)], "text": code.display or code.code}, share)
                        for name in ("improvement", "recurrence")
                        if (code := getattr(m.observations, name).code) is not None}
+        obs = m.observations
+        self._improvement_category, self._improvement_unit = obs.improvement.category, obs.improvement.unit or "%"
+        self._score_category, self._score_unit = obs.score.category, obs.score.unit or "{score}"
         self._ucum = s["ucum"]
         self._score_system = m.project_systems["score"]
+        self._numbers: dict[Decimal, int | float] = {}
 
     # -- ids -----------------------------------------------------------------------------
+    def _deriver(self, resource_type: str) -> Callable[[str], str]:
+        derive = self._part_ids.get(resource_type)
+        if derive is None:
+            derive = self._part_ids[resource_type] = id_deriver(resource_type, self.sys.resource)
+        return derive
+
     def patient_id(self, patient_id: str) -> str:
         found = self._patient_ids.get(patient_id)
         if found is None:
@@ -101,28 +160,26 @@ class ForwardMapper:
 
     def _subject_reference(self, patient_id: str) -> str:
         if self._link:
-            return f"Patient?identifier={self.m.patients.match_system}|{patient_id}"
-        return f"Patient/{self.patient_id(patient_id)}"
+            return self._link_prefix + patient_id
+        return "Patient/" + self.patient_id(patient_id)
 
     def case_statement_id(self, case_id: str) -> str:
         return self._statement_id(case_id)
 
     def part_identifier(self, case_id: str, role: str) -> dict[str, str]:
-        return {"system": self.sys.resource, "value": f"{case_id}:{role}"}
+        return {"system": self._resource_system, "value": f"{case_id}:{role}"}
 
     def part_id(self, resource_type: str, case_id: str, role: str) -> str:
-        derive = self._part_ids.get(resource_type)
-        if derive is None:
-            derive = self._part_ids[resource_type] = id_deriver(resource_type, self.sys.resource)
-        return derive(f"{case_id}:{role}")
+        return self._deriver(resource_type)(f"{case_id}:{role}")
 
-    def _case_ids(self, r: CaseRecord) -> tuple[str, str, str]:
-        """(subject reference, condition id, statement id) of the case, derived once for all
-        its resources."""
+    def _case_ids(self, r: CaseRecord) -> tuple[str, str, str, str, str]:
+        """(subject reference, condition id, statement id, condition reference, statement
+        reference) of the case, derived once for all its resources."""
         last, ids = self._last
         if last is not r:
-            ids = (self._subject_reference(r.patient_id), self.part_id("Condition", r.case_id, ROLE_CONDITION),
-                   self._statement_id(r.case_id))
+            condition, statement = self._condition_id(f"{r.case_id}:{ROLE_CONDITION}"), self._statement_id(r.case_id)
+            ids = (self._subject_reference(r.patient_id), condition, statement, "Condition/" + condition,
+                   "MedicationStatement/" + statement)
             self._last = (r, ids)
         return ids
 
@@ -132,11 +189,8 @@ class ForwardMapper:
         coding.append({"system": self.m.project_systems[project], "code": label, "display": spec.display})
         return {"coding": coding, "text": spec.display}
 
-    def _label_concept(self, table: dict[str, LabelSpec], project: str, label: str) -> dict[str, Any]:
-        built = self._labels.get(id(table))
-        if built is None:  # not one of the mapping's own tables
-            spec = table.get(label)
-            return {"text": label} if spec is None else self._build_label_concept(spec, project, label)
+    @staticmethod
+    def _label_concept(built: dict[str, Callable[[], dict[str, Any]]], label: str) -> dict[str, Any]:
         make = built.get(label)
         if make is None:
             return {"text": label}  # unknown label: text only, never an invented code
@@ -145,126 +199,121 @@ class ForwardMapper:
     def _category(self, code: str) -> list[dict[str, Any]]:
         make = self._categories.get(code)
         if make is None:
-            make = self._categories[code] = _concept(
-                {"coding": [{"system": self.m.systems["observation_category"], "code": code}]})
-        return [make()]
+            make = self._categories[code] = _constant(
+                [{"coding": [{"system": self.m.systems["observation_category"], "code": code}]}], self._share)
+        return make()
+
+    def _number(self, value: Decimal) -> int | float:
+        """`number(value)`, remembered per value (scores and percentages repeat)."""
+        found = self._numbers.get(value)
+        if found is None:
+            if len(self._numbers) >= 4096:
+                self._numbers.clear()
+            found = self._numbers[value] = number(value)
+        return found
 
     # -- resources -----------------------------------------------------------------------
     def patient(self, r: CaseRecord) -> Resource:
+        patient_id = r.patient_id
+        identifiers = [{"system": self.sys.patient, "value": patient_id}]
+        if self._second_patient_system:
+            identifiers.append({"system": self._second_patient_system, "value": patient_id})  # so the EHR's search finds it
+        gender = self._genders.get(r.sex)
         res: Resource = {
             "resourceType": "Patient",
-            "id": self.patient_id(r.patient_id),
-            "identifier": self._patient_identifiers(r.patient_id),
-            "gender": self.m.gender(r.sex),
+            "id": self.patient_id(patient_id),
+            "identifier": identifiers,
+            "gender": gender if gender is not None else self.m.gender(r.sex),
         }
         if r.birth_date:
             res["birthDate"] = r.birth_date
         return res
 
-    def _patient_identifiers(self, patient_id: str) -> list[dict[str, str]]:
-        out = [{"system": self.sys.patient, "value": patient_id}]
-        match = self.m.patients.match_system
-        if self.m.patients.mode == "link-or-create" and match and match != self.sys.patient:
-            out.append({"system": match, "value": patient_id})  # so the EHR's search finds it
-        return out
-
     def condition(self, r: CaseRecord) -> Resource:
-        subject, condition, _ = self._case_ids(r)
+        subject, condition, _, _, _ = self._case_ids(r)
         res: Resource = {
             "resourceType": "Condition",
             "id": condition,
-            "identifier": [self.part_identifier(r.case_id, ROLE_CONDITION)],
+            "identifier": [{"system": self._resource_system, "value": f"{r.case_id}:{ROLE_CONDITION}"}],
             "clinicalStatus": self._clinical(),
             "verificationStatus": self._verification(),
-            "category": [self._condition_category()],
-            "code": self._label_concept(self.m.indications, "indication", r.indication),
+            "category": self._condition_category(),
+            "code": self._label_concept(self._indications, r.indication),
             "subject": {"reference": subject},
         }
-        if r.site:
-            site: dict[str, Any] = {"text": r.site}
-            coding = self._body_sites.get(r.site.strip().lower())
+        site = r.site
+        if site:
+            body: dict[str, Any] = {"text": site}
+            coding = self._body_sites.get(site.strip().lower())
             if coding is not None:
-                site["coding"] = [coding.copy()]
-            res["bodySite"] = [site]
+                body["coding"] = coding()
+            res["bodySite"] = [body]
         if r.disease_onset:
             res["onsetDateTime"] = r.disease_onset
         return res
 
     def medication_statement(self, r: CaseRecord) -> Resource:
-        subject, condition, statement = self._case_ids(r)
-        freq = self.m.medication.frequencies[r.frequency]
-        frequency, period, period_unit = self._repeats[r.frequency]
+        subject, _, statement, condition_ref, _ = self._case_ids(r)
         return {
             "resourceType": "MedicationStatement",
             "id": statement,
-            "identifier": [{"system": self.sys.case, "value": r.case_id}],
-            "status": self.m.statuses.medication_statement,
+            "identifier": [{"system": self._case_system, "value": r.case_id}],
+            "status": self._statement_status,
             "medicationCodeableConcept": self._medication(),
             "subject": {"reference": subject},
             "effectivePeriod": {"start": r.treatment_start},
-            "reasonReference": [{"reference": f"Condition/{condition}"}],
-            "dosage": [{
-                "text": freq.text,
-                "timing": {
-                    "repeat": {"frequency": frequency, "period": period, "periodUnit": period_unit},
-                    "code": {"coding": [{"system": self._timing_system, "code": r.frequency}], "text": r.frequency},
-                },
-                "route": self._route(),
-            }],
+            "reasonReference": [{"reference": condition_ref}],
+            "dosage": self._dosages[r.frequency](),
         }
 
     def prior_treatment(self, r: CaseRecord, index: int, label: str) -> Resource:
-        subject, condition, _ = self._case_ids(r)
-        role = f"{ROLE_PRIOR}{index}"
+        subject, _, _, condition_ref, _ = self._case_ids(r)
+        value = f"{r.case_id}:{ROLE_PRIOR}{index}"
         return {
             "resourceType": "MedicationStatement",
-            "id": self.part_id("MedicationStatement", r.case_id, role),
-            "identifier": [self.part_identifier(r.case_id, role)],
-            "status": self.m.statuses.prior_treatment,
-            "medicationCodeableConcept": self._label_concept(self.m.prior_treatments, "prior_treatment", label),
+            "id": self._prior_id(value),
+            "identifier": [{"system": self._resource_system, "value": value}],
+            "status": self._prior_status,
+            "medicationCodeableConcept": self._label_concept(self._prior_treatments, label),
             "subject": {"reference": subject},
-            "reasonReference": [{"reference": f"Condition/{condition}"}],
+            "reasonReference": [{"reference": condition_ref}],
         }
 
     def _observation(self, r: CaseRecord, role: str, code: dict[str, Any], category: str | None) -> Resource:
-        subject, condition, statement = self._case_ids(r)
+        subject, _, _, condition_ref, statement_ref = self._case_ids(r)
+        value = f"{r.case_id}:{role}"
         res: Resource = {
             "resourceType": "Observation",
-            "id": self.part_id("Observation", r.case_id, role),
-            "identifier": [self.part_identifier(r.case_id, role)],
-            "status": self.m.statuses.observation,
+            "id": self._observation_id(value),
+            "identifier": [{"system": self._resource_system, "value": value}],
+            "status": self._observation_status,
             "code": code,
             "subject": {"reference": subject},
-            "partOf": [{"reference": f"MedicationStatement/{statement}"}],
-            "focus": [{"reference": f"Condition/{condition}"}],
+            "partOf": [{"reference": statement_ref}],
+            "focus": [{"reference": condition_ref}],
         }
         if category:
             res["category"] = self._category(category)
         return res
 
     def _quantity(self, value: Decimal, unit: str) -> dict[str, Any]:
-        return {"value": number(value), "unit": unit, "system": self._ucum, "code": unit}
+        return {"value": self._number(value), "unit": unit, "system": self._ucum, "code": unit}
 
     def improvement(self, r: CaseRecord) -> Resource | None:
         if r.improvement_pct is None and r.evaluation_date is None:
             return None
-        spec = self.m.observations.improvement
-        res = self._observation(r, ROLE_IMPROVEMENT, self._codes["improvement"](), spec.category)
+        res = self._observation(r, ROLE_IMPROVEMENT, self._codes["improvement"](), self._improvement_category)
         if r.evaluation_date:
             res["effectiveDateTime"] = r.evaluation_date
         if r.improvement_pct is not None:
-            res["valueQuantity"] = self._quantity(r.improvement_pct, spec.unit or "%")
+            res["valueQuantity"] = self._quantity(r.improvement_pct, self._improvement_unit)
         else:
             res["dataAbsentReason"] = self._absent()
         return res
 
-    def _absent(self) -> dict[str, Any]:
-        return self._absent_reason()
-
     def scores(self, r: CaseRecord) -> Iterator[Resource]:
         if not r.score_name:
             return
-        spec = self.m.observations.score
         for role, value, when in (
             (ROLE_SCORE_BASELINE, r.baseline_score, r.treatment_start),
             (ROLE_SCORE_FOLLOWUP, r.followup_score, r.evaluation_date),
@@ -274,11 +323,11 @@ class ForwardMapper:
             if value is None and (role == ROLE_SCORE_FOLLOWUP or r.followup_score is not None):
                 continue
             code = {"coding": [{"system": self._score_system, "code": r.score_name}], "text": r.score_name}
-            res = self._observation(r, role, code, spec.category)
+            res = self._observation(r, role, code, self._score_category)
             if when:
                 res["effectiveDateTime"] = when
             if value is not None:
-                res["valueQuantity"] = self._quantity(value, spec.unit or "{score}")
+                res["valueQuantity"] = self._quantity(value, self._score_unit)
             else:
                 res["dataAbsentReason"] = self._absent()
             yield res
@@ -291,16 +340,17 @@ class ForwardMapper:
         return res
 
     def adverse_event(self, r: CaseRecord, index: int, label: str) -> Resource:
-        subject, _, statement = self._case_ids(r)
-        role = f"{ROLE_ADVERSE}{index}"
+        subject, _, _, _, statement_ref = self._case_ids(r)
+        value = f"{r.case_id}:{ROLE_ADVERSE}{index}"
         res: Resource = {
             "resourceType": "AdverseEvent",
-            "id": self.part_id("AdverseEvent", r.case_id, role),
-            "identifier": self.part_identifier(r.case_id, role),  # R4: 0..1, not a list
+            "id": self._adverse_id(value),
+            "identifier": {"system": self._resource_system, "value": value},  # R4: 0..1, not a list
             "actuality": "actual",
-            "event": self._label_concept(self.m.adverse_events, "adverse_event", label),
+            "event": self._label_concept(self._adverse_events, label),
             "subject": {"reference": subject},
-            "suspectEntity": [{"instance": {"reference": f"MedicationStatement/{statement}"}}],
+            # built per resource, never shared: to_version(in_place=True) edits these entries
+            "suspectEntity": [{"instance": {"reference": statement_ref}}],
         }
         if r.evaluation_date:
             res["date"] = r.evaluation_date

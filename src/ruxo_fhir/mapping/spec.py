@@ -268,15 +268,16 @@ class MappingSpec(_Model):
     def codings(self, codes: tuple[CodeSpec, ...]) -> list[dict[str, str]]:
         return [self.coding(c) for c in codes if self.keeps(c)]
 
+    def sex_spellings(self) -> dict[str, Any]:
+        """Every accepted input spelling, lower case -> F/M/other/unknown: the aliases, and the
+        canonical keys in any case (a canonical key beats an alias). Build it once per file."""
+        table: dict[str, Any] = dict(self.sex.get("aliases", {}))
+        table.update({key.lower(): key for key in self.sex if key != "aliases"})
+        return table
+
     def sex_code(self, raw: str) -> str | None:
         """Normalise an input sex spelling to F/M/other/unknown, or None when unknown."""
-        value = raw.strip()
-        canonical = {k for k in self.sex if k != "aliases"}
-        for key in canonical:
-            if key.lower() == value.lower():
-                return key
-        aliases: dict[str, str] = self.sex.get("aliases", {})
-        return aliases.get(value.lower())
+        return self.sex_spellings().get(raw.strip().lower())
 
     def gender(self, sex: str) -> str:
         return str(self.sex[sex])
