@@ -8,14 +8,17 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ruxo_fhir import __version__, api
+from ruxo_fhir import __version__
 from ruxo_fhir.errors import RuxoError
 from ruxo_fhir.logs import ProgressLine, setup_logging, status_line
 from ruxo_fhir.redact import install_on_std_streams
+
+if TYPE_CHECKING:  # each command imports the api when it runs: --help and usage errors stay fast
+    from ruxo_fhir import api
 
 log = logging.getLogger("ruxo_fhir.cli")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -209,6 +212,8 @@ def import_cmd(obj: Ctx, /, cases: Path, output: Path, fmt: str, mapping_path: P
       ruxo-fhir import export-fr.csv -o b.json --date-format %d/%m/%Y --date-format %m/%Y
       ruxo-fhir import cases.xlsx --sheet Cas -o b.json
     """
+    from ruxo_fhir import api
+
     result = api.import_file(cases, output, api.ImportOptions(
         fmt=fmt, mapping=mapping_path, fhir_version=fhir_version, rejects=rejects, report=report_path, jobs=jobs,
         sheet=sheet, date_formats=date_formats))
@@ -243,6 +248,8 @@ def validate_cmd(obj: Ctx, /, file: Path, fhir_version: str | None, mapping_path
       ruxo-fhir validate /tmp/bundle.json
       ruxo-fhir validate out/ --fhir-version R5
     """
+    from ruxo_fhir import api
+
     result = api.validate(file, api.ValidateOptions(fhir_version=fhir_version,
                                                     on_problem=lambda p: click.echo(str(p))))
     tail = f", {result.warned} with warnings only" if result.warned else ""
@@ -275,6 +282,8 @@ def export_cmd(obj: Ctx, /, file: Path, output: Path, excel: bool, decimal: str 
       ruxo-fhir export /tmp/bundle.json -o /tmp/cases.csv
       ruxo-fhir export pulled/ -o cases.csv --excel
     """
+    from ruxo_fhir import api
+
     result = api.export_file(file, output, api.ExportOptions(mapping=mapping_path, excel=excel, decimal=decimal))
     for line in result.warnings:
         say(f"warning: {line}", obj)
@@ -321,6 +330,8 @@ SERVER_KEYS = ("server", "profile", "config_path", "auth", "user", "client_id", 
 
 def pop_server(kwargs: dict[str, Any], required: bool = True) -> api.ServerSettings | None:
     """Settings from --profile and flags (flags win); None when no server was asked for."""
+    from ruxo_fhir import api
+
     opts = {k: kwargs.pop(k) for k in SERVER_KEYS}
     if not required and not opts["server"] and not opts["profile"]:
         return None
@@ -395,6 +406,8 @@ def push_cmd(obj: Ctx, /, file: Path, batch_size: int | None, mode: str | None, 
       ruxo-fhir push /tmp/bundle.json --server http://localhost:8080/fhir
       ruxo-fhir push examples/cases.csv --profile sandbox --dry-run
     """
+    from ruxo_fhir import api
+
     settings = need_server(kwargs)
     progress = Progress(obj, "pushed")
     options = api.PushOptions(batch_size=batch_size, mode=mode, fhir_version=fhir_version, mapping=mapping_path,
@@ -489,6 +502,8 @@ def pull_cmd(obj: Ctx, /, output: Path, fmt: str, since: str | None, cursor: Pat
       ruxo-fhir pull --profile ehr -o nightly/ --format ndjson --cursor state/ehr.cursor
       ruxo-fhir pull --server URL -o out/ --format ndjson --bulk
     """
+    from ruxo_fhir import api
+
     settings = need_server(kwargs)
     progress = Progress(obj, "pulled")
     options = api.PullOptions(fmt=fmt, since=since, cursor=cursor, patient=patient, bulk=bulk, page_size=page_size,
@@ -534,6 +549,8 @@ def outcomes_cmd(obj: Ctx, /, source: Path | None, fmt: str | None, plot_path: P
       ruxo-fhir outcomes /tmp/bundle.json --format json --plot /tmp/outcomes.png
       ruxo-fhir outcomes --server http://localhost:8080/fhir --write-back
     """
+    from ruxo_fhir import api
+
     settings = pop_server(kwargs, required=False)
     if (source is None) == (settings is None):
         raise click.UsageError("give either SOURCE or --server/--profile")
@@ -587,6 +604,8 @@ def check_cmd(obj: Ctx, /, fhir_version: str | None, mapping_path: Path | None, 
       ruxo-fhir check --server http://localhost:8080/fhir
       ruxo-fhir check --profile sandbox
     """
+    from ruxo_fhir import api
+
     summary = api.check(need_server(kwargs), api.CheckOptions(fhir_version=fhir_version, mapping=mapping_path))
     if summary.auth_failure is not None:
         click.echo(f"  [FAIL] auth: {summary.auth_failure}")

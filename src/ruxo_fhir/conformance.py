@@ -55,11 +55,11 @@ def _has_value(coll: list[Any]) -> list[bool]:
 def _boundary(high: bool) -> Callable[[list[Any]], list[Any]]:
     """lowBoundary()/highBoundary() of a date or dateTime (R5's per-1 uses them; fhirpathpy
     lacks them): the earliest/latest instant the value can mean, as a dateTime."""
-    import calendar
-
-    from fhirpathpy.engine.nodes import FP_DateTime
-
     def fn(coll: list[Any]) -> list[Any]:
+        import calendar
+
+        from fhirpathpy.engine.nodes import FP_DateTime  # here: importing this module loads no fhirpathpy
+
         out = []
         for value in coll:
             text = str(value)
@@ -229,7 +229,6 @@ class Invariant:
         """The invariant's verdict on `node`; None when fhirpathpy cannot evaluate it."""
         from fhirpathpy import apply_parsed_path
         from fhirpathpy.engine.nodes import ResourceNode
-        from fhirpathpy.models import models
 
         if self._parsed is None:
             self._parsed = _parse_trees(self.fhir_version).get(self.expression)
@@ -237,7 +236,7 @@ class Invariant:
                 from fhirpathpy.parser import parse
 
                 self._parsed = parse(self.expression)
-        model = models["r5" if self.fhir_version == "R5" else "r4"]
+        model = _fhirpath_model("r5" if self.fhir_version == "R5" else "r4")
         try:
             result = apply_parsed_path(ResourceNode.create_node(node, self.base), self._parsed,
                                        {"resource": root, "rootResource": root}, model,
@@ -621,6 +620,16 @@ def _coding_problem(rule: ElementRule, coding: Node, where: str) -> str | None:
     if (coding.get("system"), coding.get("code")) in rule.pairs:
         return None
     return f"{coding.get('system')}#{coding.get('code')} is not in {where}"
+
+
+@cache
+def _fhirpath_model(name: str) -> dict[str, Any]:
+    """fhirpathpy's model of one FHIR version (choice types, path types), read as
+    `fhirpathpy.models` reads it; that module reads all four versions it ships (~2 MB of JSON)
+    when a run needs one."""
+    folder = importlib_resources.files("fhirpathpy").joinpath("models").joinpath(name)
+    return {entry.name[:-5]: json.loads(entry.read_bytes())
+            for entry in folder.iterdir() if entry.name.endswith(".json")}
 
 
 @cache

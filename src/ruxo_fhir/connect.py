@@ -13,14 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import platformdirs
-
 from ruxo_fhir.errors import InputError, UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 if TYPE_CHECKING:
     from ruxo_fhir.transport.rest import FhirClient
@@ -58,12 +51,19 @@ class ServerSettings:
 
 
 def default_config_path() -> Path:
+    import platformdirs  # here, not at the top: only server commands read the config
+
     env = os.environ.get("RUXO_FHIR_CONFIG")
     return Path(env) if env else Path(platformdirs.user_config_dir("ruxo-fhir")) / "config.toml"
 
 
 def load_profile(name: str, config: Path | None = None) -> ServerSettings:
     """The `[servers.NAME]` table of the config file as ServerSettings."""
+    if sys.version_info >= (3, 11):  # imported here: only a profile needs a TOML parser
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
     path = config or default_config_path()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

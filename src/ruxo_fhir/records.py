@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import difflib
 import hashlib
 import re
 import unicodedata
@@ -252,6 +251,8 @@ def _decimal(column: str, value: str) -> Decimal:
 
 def _close_match(name: str, candidates: list[str]) -> str | None:
     """The candidate header most like `name` (case, spaces and `_`/`-` ignored), if close enough."""
+    import difflib  # here: only a header that matches no column needs it
+
     def norm(text: str) -> str:
         return re.sub(r"[\s_\-.]+", "", text.lower())
 
