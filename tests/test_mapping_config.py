@@ -205,6 +205,37 @@ def test_unparsable_mapping_exits_3_with_one_line(tmp_path: Path, content: bytes
     assert list(tmp_path.iterdir()) == [mapping]
 
 
+# libyaml accepts these two; PyYAML's pure parser (the reference here) refuses them
+_LIBYAML_ONLY = [b"a:\tb\n", b"x: {display: Lupus pannic?litis}\n"]
+
+
+@pytest.mark.parametrize("content", [DEFAULT_MAPPING.read_bytes(), *_LIBYAML_ONLY, b"columns: [unclosed\n",
+                                     b"a: 1\n---\nb: 2\n", b"a: 2020-13-45\n", b"a: \xef\xbf\xbe\n"])
+def test_mapping_yaml_is_read_as_the_pure_parser_reads_it(content: bytes) -> None:
+    """The mapping is parsed by libyaml for speed only where the two parsers agree: same data,
+    same refusals, same message."""
+    from ruxo_fhir.mapping.spec import _parse_yaml
+
+    def read(parse: Any) -> tuple[str, Any]:
+        try:
+            return "ok", parse(content)
+        except (ValueError, yaml.YAMLError) as exc:
+            return "refused", str(exc)
+
+    assert read(_parse_yaml) == read(yaml.safe_load)
+
+
+def test_libyaml_reads_what_the_pure_parser_refuses() -> None:
+    """Why the cases above are routed to the pure parser (this fails once the parsers agree)."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is None:
+        pytest.skip("PyYAML without libyaml: the pure parser reads every mapping")
+    for content in _LIBYAML_ONLY:
+        assert yaml.load(content, Loader=fast) is not None
+        with pytest.raises(yaml.YAMLError):
+            yaml.safe_load(content)
+
+
 def test_missing_mapping_file_exits_3(tmp_path: Path) -> None:
     result = invoke("import", EXAMPLE_CSV, "-o", tmp_path / "b.json", "--mapping", tmp_path / "nope.yaml")
     assert result.exit_code == 3, str(result)

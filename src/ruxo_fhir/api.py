@@ -560,14 +560,16 @@ def outcomes(source: str | Path | None = None, server: ServerSettings | None = N
 
 
 def _cohort(client: FhirClient | None, source: str | Path | None, mapping: MappingSpec) -> CohortOutcomes:
-    from ruxo_fhir.importer import source_resources
     from ruxo_fhir.outcomes import compute_outcomes
-    from ruxo_fhir.sync.pull import pull_cohort
 
     rejects: list[Reject] = []
     if client is not None:
+        from ruxo_fhir.sync.pull import pull_cohort  # here: a file source needs no HTTP stack
+
         result = compute_outcomes(pull_cohort(client, mapping), mapping)
     else:
+        from ruxo_fhir.importer import source_resources
+
         assert source is not None
         result = compute_outcomes(source_resources(source, mapping, rejects=rejects), mapping)
     for rej in rejects:
