@@ -57,7 +57,7 @@ MAX_SHAPES_PER_KEY = 64
 MAX_SHAPES = 4096
 MAX_NODES = 2000  # larger resources (say a big Bundle) are left to the model
 MEMO_LIMIT = 50_000  # per primitive type: values already proven valid
-NODE_MEMO_LIMIT = 4096  # per Coding / CodeableConcept node of a shape: value tuples proven valid
+NODE_MEMO = "(nodes)"  # the key in FastPath.memos of the memo of Coding / CodeableConcept nodes
 _MEMO_KINDS = frozenset({"Coding", "CodeableConcept"})
 # builtins the generated checks use, bound as default arguments: a local read is cheaper
 _LOCALS = "type=type, len=len, str=str, int=int, float=float, bool=bool, dict=dict, list=list"
@@ -298,7 +298,7 @@ class _Unsupported(Exception):
 class _Compiler:
     """Writes the Python source of one shape check (straight-line code, no recursion)."""
 
-    def __init__(self, index: ModelIndex, memos: dict[str, set[str]]) -> None:
+    def __init__(self, index: ModelIndex, memos: dict[str, set[Any]]) -> None:
         self.index = index
         self.memos = memos
         self.vars: dict[tuple[Any, ...], str] = {(): "r"}  # JSON path -> variable holding it
@@ -311,7 +311,7 @@ class _Compiler:
         self.tests: list[tuple[tuple[Any, ...] | None, str]] = []
         self.concepts: list[tuple[Any, ...]] = []  # paths of Coding / CodeableConcept nodes
         self.leaves: list[tuple[tuple[Any, ...], str, Primitive]] = []  # (path, variable, kind)
-        self.node_memos: list[set[tuple[Any, ...]]] = []
+        self.node_tags: list[object] = []  # the tags of this shape's nodes in the node memo
 
     def name(self, prefix: str) -> str:
         self.counter += 1
@@ -349,14 +349,15 @@ class _Compiler:
         exec(compile(source, f"<fhir shape {resource.get('resourceType')}>", "exec"), self.env)
         check: ShapeCheck = self.env["check"]
         check.__doc__ = source  # for debugging: the generated code
-        check.node_memos = self.node_memos  # type: ignore[attr-defined]  # for tests
+        check.node_tags = self.node_tags  # type: ignore[attr-defined]  # for tests
         return check
 
     def value_tests(self) -> list[str]:
         """The value tests as lines. The tests that read only a Coding or CodeableConcept (its
         leaf tests, bindings, terminology) run once per distinct tuple of its leaf values: a
-        tuple that passed them all is remembered in a set of that node, and a later node with
-        the same values skips them (the same codings recur on every row).
+        tuple that passed them all is remembered (tagged with the node: one set for all shapes,
+        at most MEMO_LIMIT entries), and a later node with the same values skips them (the same
+        codings recur on every row).
 
         Exact: every such test is a function of the node's leaves alone (invariants, which may
         read the root, are never memoised), the shape fixes the node's keys and list lengths,
@@ -383,14 +384,14 @@ class _Compiler:
             if len(conditions) < 2:  # one test is no dearer than the memo lookup
                 lines.append(f"        if {conditions[0]}: return 2")
                 continue
-            memo_set: set[tuple[Any, ...]] = set()
-            self.node_memos.append(memo_set)
-            key, memo = self.name("k"), self.const(memo_set, "N")
+            tag = object()  # this node of this shape: its entries never match another node's
+            self.node_tags.append(tag)
+            key, memo = self.name("k"), self.const(self.memos.setdefault(NODE_MEMO, set()), "N")
             values = ", ".join(var for _, var, _ in memos[item])
-            lines.append(f"        {key} = ({values},)")
+            lines.append(f"        {key} = ({self.const(tag, 'G')}, {values})")
             lines.append(f"        if {key} not in {memo}:")
             lines += [f"            if {condition}: return 2" for condition in conditions]
-            lines.append(f"            if len({memo}) < {NODE_MEMO_LIMIT}: {memo}.add({key})")
+            lines.append(f"            if len({memo}) < {MEMO_LIMIT}: {memo}.add({key})")
         return lines
 
     def memo_nodes(self) -> dict[tuple[Any, ...], list[tuple[tuple[Any, ...], str, Primitive]]]:
@@ -576,7 +577,7 @@ class FastPath:
     def __init__(self, rules: Rules | None = None) -> None:
         self.rules = RuleChecks(rules) if rules is not None else None
         self.index = ModelIndex()
-        self.memos: dict[str, set[str]] = {}
+        self.memos: dict[str, set[Any]] = {}
         # the JSON keys of a resource (resourceType among them) -> its compiled shapes, most
         # recently matched first; `Validator.validate` tries the first one inline
         self.shapes: dict[tuple[str, ...], list[ShapeCheck]] = {}
