@@ -19,7 +19,7 @@ from fhir_core import types as ft
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ruxo_fhir.fastvalidate import MISMATCH, OK, UNSURE
+from ruxo_fhir.fastvalidate import MISMATCH, NODE_MEMO, OK, UNSURE
 from ruxo_fhir.fhir_version import VERSIONS
 from ruxo_fhir.importer import case_resources
 from ruxo_fhir.mapping.spec import load_mapping
@@ -396,3 +396,70 @@ def test_a_dict_subclass_that_invents_keys_goes_to_the_model() -> None:
     del res["onsetDateTime"]
     assert fast_check("R4", res) == MISMATCH
     same_verdict("R4", res)
+
+
+# --- the memo per Coding / CodeableConcept node ----------------------------------------------
+
+CONCEPT_CHANGES: list[tuple[tuple[Any, ...], Any, bool]] = [
+    # (path, new value, whether the changed node passes its own tests): the model's verdict goes
+    (("clinicalStatus", "coding", 0, "code"), "resolved", True),  # valid: a new memo entry
+    (("clinicalStatus", "coding", 0, "code"), "not-a-status", False),  # required binding
+    (("clinicalStatus", "coding", 0, "code"), "active ", False),  # code syntax
+    (("clinicalStatus", "coding", 0, "system"), "http://example.org/status", False),  # binding: another system
+    # a valid coding, but con-3/con-5 (invariants, which read the root) are checked outside the memo
+    (("verificationStatus", "coding", 0, "code"), "entered-in-error", True),
+    (("category", 0, "coding", 0, "code"), "a\u00a0\u00a0b", False),
+    (("code", "coding", 0, "code"), "396230007", False),  # SNOMED check digit: a warning
+    (("code", "coding", 1, "code"), "M33.1x", False),  # ICD-10 format: a warning
+    (("code", "coding", 2, "display"), "", False),
+    (("code", "coding", 2, "display"), "Another display", True),
+    (("code", "text"), "\u2003", False),
+    (("bodySite", 0, "coding", 0, "system"), "\udfff", False),
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path,new,node_ok", CONCEPT_CHANGES,
+                         ids=[f"{'.'.join(map(str, p))}-{n!r}" for p, n, _ in CONCEPT_CHANGES])
+def test_a_remembered_coding_never_lets_a_changed_one_through(version: str, path: tuple[Any, ...], new: Any,
+                                                            node_ok: bool) -> None:
+    """The memo is keyed by every leaf of the node: a node that differs from a remembered one in
+    any leaf is tested anew, and only a node that passed every test is remembered."""
+    v = Validator(version)  # type: ignore[arg-type]
+    fast = v.fast
+    assert fast is not None
+    cond = first(version, "Condition", "onsetDateTime")
+    assert v.validate(copy.deepcopy(cond)) == []  # learns the shape (model)
+    assert fast.check(copy.deepcopy(cond)) == OK  # fills the memos
+    tags = [tag for shape in fast.shapes[tuple(cond)] for tag in shape.node_tags]  # type: ignore[attr-defined]
+    memo = fast.memos[NODE_MEMO]
+
+    def entries() -> list[int]:
+        return [sum(1 for key in memo if key[0] is tag) for tag in tags]
+
+    assert tags and entries() == [1] * len(tags)
+    changed = _set(cond, path, new)
+    want = full(version).check(copy.deepcopy(changed))
+    for _ in range(2):  # the second time would find a wrongly remembered value
+        assert fast.check(copy.deepcopy(changed)) == (UNSURE if want else OK)
+        assert v.check(copy.deepcopy(changed)) == want
+        assert v.validate(copy.deepcopy(changed)) == [p for p in want if p.severity == "error"]
+    assert bool(want) != node_ok or path[0] == "verificationStatus"  # the table says what the model says
+    assert sum(entries()) == len(tags) + node_ok
+    assert fast.check(copy.deepcopy(cond)) == OK
+
+
+def test_a_remembered_coding_needs_the_exact_json_types() -> None:
+    """Equal is not enough: a str subclass with a remembered value is not proven valid here (the
+    leaf's type test comes before the memo), the model decides."""
+
+    class Text(str):
+        pass
+
+    v = Validator("R4")
+    assert v.fast is not None
+    cond = first("R4", "Condition", "onsetDateTime")
+    assert v.validate(copy.deepcopy(cond)) == [] and v.fast.check(copy.deepcopy(cond)) == OK
+    changed = _set(cond, ("code", "coding", 0, "code"), Text(cond["code"]["coding"][0]["code"]))
+    assert v.fast.check(changed) == MISMATCH
+    assert v.validate(copy.deepcopy(changed)) == full("R4").validate(copy.deepcopy(changed))

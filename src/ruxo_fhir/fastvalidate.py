@@ -57,6 +57,10 @@ MAX_SHAPES_PER_KEY = 64
 MAX_SHAPES = 4096
 MAX_NODES = 2000  # larger resources (say a big Bundle) are left to the model
 MEMO_LIMIT = 50_000  # per primitive type: values already proven valid
+NODE_MEMO = "(nodes)"  # the key in FastPath.memos of the memo of Coding / CodeableConcept nodes
+_MEMO_KINDS = frozenset({"Coding", "CodeableConcept"})
+# builtins the generated checks use, bound as default arguments: a local read is cheaper
+_LOCALS = "type=type, len=len, str=str, int=int, float=float, bool=bool, dict=dict, list=list"
 
 
 # --- primitive leaf checks: True only when the model surely accepts the value -------------
@@ -294,7 +298,7 @@ class _Unsupported(Exception):
 class _Compiler:
     """Writes the Python source of one shape check (straight-line code, no recursion)."""
 
-    def __init__(self, index: ModelIndex, memos: dict[str, set[str]]) -> None:
+    def __init__(self, index: ModelIndex, memos: dict[str, set[Any]]) -> None:
         self.index = index
         self.memos = memos
         self.vars: dict[tuple[Any, ...], str] = {(): "r"}  # JSON path -> variable holding it
@@ -302,6 +306,12 @@ class _Compiler:
         self.env: dict[str, Any] = {"_slow": _slow, **_ENV}
         self.counter = 0
         self.nodes = 0
+        # value tests (`return 2`), each with the path of the node it reads (None: reads more,
+        # say an invariant given the root); emitted after the structure, see `value_tests`
+        self.tests: list[tuple[tuple[Any, ...] | None, str]] = []
+        self.concepts: list[tuple[Any, ...]] = []  # paths of Coding / CodeableConcept nodes
+        self.leaves: list[tuple[tuple[Any, ...], str, Primitive]] = []  # (path, variable, kind)
+        self.node_tags: list[object] = []  # the tags of this shape's nodes in the node memo
 
     def name(self, prefix: str) -> str:
         self.counter += 1
@@ -314,6 +324,11 @@ class _Compiler:
 
     def emit(self, line: str, depth: int = 2) -> None:
         self.lines.append("    " * depth + line)
+
+    def test(self, condition: str, path: tuple[Any, ...] | None) -> None:
+        """A value test: the resource is not proven valid (`return 2`) when `condition` holds.
+        `path`: the node whose leaves alone decide the test (None: it reads more)."""
+        self.tests.append((path, condition))
 
     def compile(self, cls: type, resource: Resource, rules: RuleChecks | None = None,
                 trace: Trace | None = None) -> ShapeCheck:
@@ -328,14 +343,68 @@ class _Compiler:
         # Structure first (reads, JSON types, key counts, list lengths: `return 1`), values after
         # (`return 2`, which only read variables): a resource of another shape of the same keys
         # is turned away before any value is tested.
-        lines = [line for line in self.lines if not line.endswith(": return 2")]
-        lines += [line for line in self.lines if line.endswith(": return 2")]
-        source = ("def check(r):\n    try:\n" + "\n".join(lines)
+        lines = self.lines + self.value_tests()
+        source = (f"def check(r, {_LOCALS}):\n    try:\n" + "\n".join(lines)
                   + "\n    except KeyError:\n        return 1\n    return 0\n")
         exec(compile(source, f"<fhir shape {resource.get('resourceType')}>", "exec"), self.env)
         check: ShapeCheck = self.env["check"]
         check.__doc__ = source  # for debugging: the generated code
+        check.node_tags = self.node_tags  # type: ignore[attr-defined]  # for tests
         return check
+
+    def value_tests(self) -> list[str]:
+        """The value tests as lines. The tests that read only a Coding or CodeableConcept (its
+        leaf tests, bindings, terminology) run once per distinct tuple of its leaf values: a
+        tuple that passed them all is remembered (tagged with the node: one set for all shapes,
+        at most MEMO_LIMIT entries), and a later node with the same values skips them (the same
+        codings recur on every row).
+
+        Exact: every such test is a function of the node's leaves alone (invariants, which may
+        read the root, are never memoised), the shape fixes the node's keys and list lengths,
+        and the memo only holds nodes whose leaves are all str or bool, already checked to be of
+        that exact type; equal values of those types are the same value (unlike 1 == 1.0)."""
+        memos = self.memo_nodes()
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        order: list[tuple[Any, ...] | str] = []
+        for path, condition in self.tests:
+            node = None if path is None else next((m for m in memos if path[:len(m)] == m), None)
+            if node is None:
+                order.append(f"if {condition}: return 2")
+                continue
+            if node not in groups:
+                groups[node] = []
+                order.append(node)
+            groups[node].append(condition)
+        lines: list[str] = []
+        for item in order:
+            if isinstance(item, str):
+                lines.append("        " + item)
+                continue
+            conditions = groups[item]
+            if len(conditions) < 2:  # one test is no dearer than the memo lookup
+                lines.append(f"        if {conditions[0]}: return 2")
+                continue
+            tag = object()  # this node of this shape: its entries never match another node's
+            self.node_tags.append(tag)
+            key, memo = self.name("k"), self.const(self.memos.setdefault(NODE_MEMO, set()), "N")
+            values = ", ".join(var for _, var, _ in memos[item])
+            lines.append(f"        {key} = ({self.const(tag, 'G')}, {values})")
+            lines.append(f"        if {key} not in {memo}:")
+            lines += [f"            if {condition}: return 2" for condition in conditions]
+            lines.append(f"            if len({memo}) < {MEMO_LIMIT}: {memo}.add({key})")
+        return lines
+
+    def memo_nodes(self) -> dict[tuple[Any, ...], list[tuple[tuple[Any, ...], str, Primitive]]]:
+        """The outermost Coding / CodeableConcept nodes whose leaves are all str or bool, each
+        with its leaves."""
+        found: dict[tuple[Any, ...], list[tuple[tuple[Any, ...], str, Primitive]]] = {}
+        for node in self.concepts:
+            if any(node[:len(outer)] == outer for outer in found):
+                continue
+            leaves = [leaf for leaf in self.leaves if leaf[0][:len(node)] == node]
+            if leaves and all(kind.json_types in ((str,), (bool,)) for _, _, kind in leaves):
+                found[node] = leaves
+        return found
 
     def rule_checks(self, rules: RuleChecks, trace: Trace, resource: Resource) -> None:
         """The spec's rules for this shape, after its structure and leaves are checked: what the
@@ -346,7 +415,7 @@ class _Compiler:
         for path, rule in trace.codes:
             var = self.vars[path]
             if rule.type == "code":
-                self.emit(f"if {var} not in {self.const(rule.codes, 'B')}: return 2")
+                self.test(f"{var} not in {self.const(rule.codes, 'B')}", path)
                 continue
             node = _at(resource, path)
             concept = node.get("concept") if rule.type == "CodeableReference" else node
@@ -357,33 +426,32 @@ class _Compiler:
                 base = (*path, "concept") if rule.type == "CodeableReference" else path
                 pairs = self.const(rule.pairs, "B")
                 tests = " or ".join(f"{self.pair((*base, 'coding', i))} in {pairs}" for i in range(len(codings)))
-                self.emit(f"if not ({tests}): return 2")
+                self.test(f"not ({tests})", path)
             else:
-                self.emit(f"if _bindp({self.const(rule, 'E')}, {var}) is not None: return 2")
+                self.test(f"_bindp({self.const(rule, 'E')}, {var}) is not None", path)
         # terminology: a memo lookup on the (system, code) leaves already read, the call only
         # for a value not seen yet
         if trace.codings:
             memo = self.const(rules.coding_memo, "T")
         for path in trace.codings:
-            self.emit(f"if {self.pair(path)} not in {memo} and not _coding_ok({self.vars[path]}): return 2")
+            self.test(f"{self.pair(path)} not in {memo} and not _coding_ok({self.vars[path]})", path)
         if trace.quantities:
             memo = self.const(rules.quantity_memo, "T")
         for path in trace.quantities:
-            self.emit(f"if {self.pair(path)} not in {memo} and not _quantity_ok({self.vars[path]}): return 2")
+            self.test(f"{self.pair(path)} not in {memo} and not _quantity_ok({self.vars[path]})", path)
         for path in trace.languages:
-            self.emit(f"if not _bcp47({self.vars[path]}): return 2")
+            self.test(f"not _bcp47({self.vars[path]})", path)
         if trace.identifiers:
             memo = self.const(rules.system_memo, "T")
         for path in trace.identifiers:
-            self.emit(f"if {self.leaf_var((*path, 'system'))} not in {memo} and not _idsys_ok({self.vars[path]}): "
-                      "return 2")
+            self.test(f"{self.leaf_var((*path, 'system'))} not in {memo} and not _idsys_ok({self.vars[path]})", path)
         for path, inv in trace.invariants:
             node = _at(resource, path)
             if inv.shape_proof(node, resource):
                 continue
             decider = NATIVE_DECIDERS.get(inv.key)
             if decider is not None:
-                self.emit(f"if not {self.const(decider, 'D')}({self.vars[path]}, r): return 2")
+                self.test(f"not {self.const(decider, 'D')}({self.vars[path]}, r)", None)
                 continue
             var, const = self.vars[path], self.const(inv, "I")
             native = rules.natives.get(inv.key)
@@ -391,21 +459,20 @@ class _Compiler:
             if absent is not None and absent not in node:
                 continue  # the native prover holds whenever the key is absent, and the shape fixes that
             if inv.key == "ref-1" and isinstance(node.get("reference"), str):  # the common case, inline
-                self.emit(f"if {self.leaf_var((*path, 'reference'))}[:1] == '#' and not _inv({const}, {var}, r): "
-                          "return 2")
+                self.test(f"{self.leaf_var((*path, 'reference'))}[:1] == '#' and not _inv({const}, {var}, r)", None)
             elif inv.key in _NON_NEGATIVE and type(node.get(absent)) in (int, float):
                 # tim-4/tim-5 on a number leaf (its JSON type fixed by the shape), inline
-                self.emit(f"if not ({self.leaf_var((*path, absent))} >= 0 or _inv({const}, {var}, r)): return 2")
+                self.test(f"not ({self.leaf_var((*path, absent))} >= 0 or _inv({const}, {var}, r))", None)
             elif inv.key == "con-5" and _codings(node.get("verificationStatus")):
                 # con-5's prover on the codes the shape has read: none of them says entered-in-error
                 status = (*path, "verificationStatus", "coding")
                 codes = " and ".join(f"{self.leaf_var((*status, i, 'code'))} != 'entered-in-error'"
                                      for i in range(len(node["verificationStatus"]["coding"])))
-                self.emit(f"if not (({codes}) or _inv({const}, {var}, r)): return 2")
+                self.test(f"not (({codes}) or _inv({const}, {var}, r))", None)
             elif native is not None:
-                self.emit(f"if not ({self.const(native, 'N')}({var}, r) or _inv({const}, {var}, r)): return 2")
+                self.test(f"not ({self.const(native, 'N')}({var}, r) or _inv({const}, {var}, r))", None)
             else:
-                self.emit(f"if not _inv({const}, {var}, r): return 2")
+                self.test(f"not _inv({const}, {var}, r)", None)
         self.env.update(rules.env)
 
     def leaf_var(self, path: tuple[Any, ...]) -> str:
@@ -444,14 +511,16 @@ class _Compiler:
         if self.nodes > MAX_NODES:
             raise _Unsupported("too large")
         if isinstance(kind, Primitive):
-            self.leaf(var, kind, value)
+            self.leaf(var, kind, value, path)
             return
         if type(value) is not dict or not value or "resourceType" in value:
             raise _Unsupported(kind.__name__)
+        if kind.__name__ in _MEMO_KINDS:
+            self.concepts.append(path)
         self.emit(f"if type({var}) is not dict or len({var}) != {len(value)}: return 1")
         self.object_body(var, kind, value, list(value), path)
 
-    def leaf(self, var: str, kind: Primitive, value: Any) -> None:
+    def leaf(self, var: str, kind: Primitive, value: Any, path: tuple[Any, ...] = ()) -> None:
         if type(value) not in kind.json_types:
             raise _Unsupported(kind.name)
         if len(kind.json_types) == 1:
@@ -459,9 +528,10 @@ class _Compiler:
         else:
             allowed = " and ".join(f"type({var}) is not {t.__name__}" for t in kind.json_types)
             self.emit(f"if {allowed}: return 1")
+        self.leaves.append((path, var, kind))
         test = self.leaf_test(var, kind)
         if test is not None:
-            self.emit(f"if not {test}: return 2")
+            self.test(f"not {test}", path)
 
     def leaf_test(self, var: str, kind: Primitive) -> str | None:
         """The expression, true when the leaf `var` (of a right JSON type) is surely valid."""
@@ -507,7 +577,7 @@ class FastPath:
     def __init__(self, rules: Rules | None = None) -> None:
         self.rules = RuleChecks(rules) if rules is not None else None
         self.index = ModelIndex()
-        self.memos: dict[str, set[str]] = {}
+        self.memos: dict[str, set[Any]] = {}
         # the JSON keys of a resource (resourceType among them) -> its compiled shapes, most
         # recently matched first; `Validator.validate` tries the first one inline
         self.shapes: dict[tuple[str, ...], list[ShapeCheck]] = {}

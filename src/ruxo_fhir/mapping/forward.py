@@ -229,8 +229,8 @@ class ForwardMapper:
             res["birthDate"] = r.birth_date
         return res
 
-    def condition(self, r: CaseRecord) -> Resource:
-        subject, condition, _, _, _ = self._case_ids(r)
+    def condition(self, r: CaseRecord, ids: tuple[str, str, str, str, str] | None = None) -> Resource:
+        subject, condition, _, _, _ = ids or self._case_ids(r)
         res: Resource = {
             "resourceType": "Condition",
             "id": condition,
@@ -252,8 +252,8 @@ class ForwardMapper:
             res["onsetDateTime"] = r.disease_onset
         return res
 
-    def medication_statement(self, r: CaseRecord) -> Resource:
-        subject, _, statement, condition_ref, _ = self._case_ids(r)
+    def medication_statement(self, r: CaseRecord, ids: tuple[str, str, str, str, str] | None = None) -> Resource:
+        subject, _, statement, condition_ref, _ = ids or self._case_ids(r)
         return {
             "resourceType": "MedicationStatement",
             "id": statement,
@@ -266,8 +266,8 @@ class ForwardMapper:
             "dosage": self._dosages[r.frequency](),
         }
 
-    def prior_treatment(self, r: CaseRecord, index: int, label: str) -> Resource:
-        subject, _, _, condition_ref, _ = self._case_ids(r)
+    def prior_treatment(self, r: CaseRecord, index: int, label: str, ids: tuple[str, str, str, str, str] | None = None) -> Resource:
+        subject, _, _, condition_ref, _ = ids or self._case_ids(r)
         value = f"{r.case_id}:{ROLE_PRIOR}{index}"
         return {
             "resourceType": "MedicationStatement",
@@ -279,8 +279,9 @@ class ForwardMapper:
             "reasonReference": [{"reference": condition_ref}],
         }
 
-    def _observation(self, r: CaseRecord, role: str, code: dict[str, Any], category: str | None) -> Resource:
-        subject, _, _, condition_ref, statement_ref = self._case_ids(r)
+    def _observation(self, r: CaseRecord, role: str, code: dict[str, Any], category: str | None,
+                     ids: tuple[str, str, str, str, str] | None = None) -> Resource:
+        subject, _, _, condition_ref, statement_ref = ids or self._case_ids(r)
         value = f"{r.case_id}:{role}"
         res: Resource = {
             "resourceType": "Observation",
@@ -299,10 +300,10 @@ class ForwardMapper:
     def _quantity(self, value: Decimal, unit: str) -> dict[str, Any]:
         return {"value": self._number(value), "unit": unit, "system": self._ucum, "code": unit}
 
-    def improvement(self, r: CaseRecord) -> Resource | None:
+    def improvement(self, r: CaseRecord, ids: tuple[str, str, str, str, str] | None = None) -> Resource | None:
         if r.improvement_pct is None and r.evaluation_date is None:
             return None
-        res = self._observation(r, ROLE_IMPROVEMENT, self._codes["improvement"](), self._improvement_category)
+        res = self._observation(r, ROLE_IMPROVEMENT, self._codes["improvement"](), self._improvement_category, ids)
         if r.evaluation_date:
             res["effectiveDateTime"] = r.evaluation_date
         if r.improvement_pct is not None:
@@ -311,7 +312,7 @@ class ForwardMapper:
             res["dataAbsentReason"] = self._absent()
         return res
 
-    def scores(self, r: CaseRecord) -> Iterator[Resource]:
+    def scores(self, r: CaseRecord, ids: tuple[str, str, str, str, str] | None = None) -> Iterator[Resource]:
         if not r.score_name:
             return
         for role, value, when in (
@@ -323,7 +324,7 @@ class ForwardMapper:
             if value is None and (role == ROLE_SCORE_FOLLOWUP or r.followup_score is not None):
                 continue
             code = {"coding": [{"system": self._score_system, "code": r.score_name}], "text": r.score_name}
-            res = self._observation(r, role, code, self._score_category)
+            res = self._observation(r, role, code, self._score_category, ids)
             if when:
                 res["effectiveDateTime"] = when
             if value is not None:
@@ -332,15 +333,15 @@ class ForwardMapper:
                 res["dataAbsentReason"] = self._absent()
             yield res
 
-    def recurrence(self, r: CaseRecord) -> Resource | None:
+    def recurrence(self, r: CaseRecord, ids: tuple[str, str, str, str, str] | None = None) -> Resource | None:
         if r.recurrence_after_stop is None:
             return None
-        res = self._observation(r, ROLE_RECURRENCE, self._codes["recurrence"](), None)
+        res = self._observation(r, ROLE_RECURRENCE, self._codes["recurrence"](), None, ids)
         res["valueBoolean"] = r.recurrence_after_stop
         return res
 
-    def adverse_event(self, r: CaseRecord, index: int, label: str) -> Resource:
-        subject, _, _, _, statement_ref = self._case_ids(r)
+    def adverse_event(self, r: CaseRecord, index: int, label: str, ids: tuple[str, str, str, str, str] | None = None) -> Resource:
+        subject, _, _, _, statement_ref = ids or self._case_ids(r)
         value = f"{r.case_id}:{ROLE_ADVERSE}{index}"
         res: Resource = {
             "resourceType": "AdverseEvent",
@@ -358,21 +359,26 @@ class ForwardMapper:
 
     def case(self, r: CaseRecord, *, include_patient: bool) -> list[Resource]:
         """All resources of one case, referenced ones first (Patient, Condition, statement)."""
+        ids = self._case_ids(r)  # once for the case, handed to each builder
         out: list[Resource] = []
         if include_patient and not self._link:  # link: the EHR owns its Patients
             out.append(self.patient(r))
-        out.append(self.condition(r))
-        out.append(self.medication_statement(r))
-        for i, label in enumerate(r.prior_treatments, 1):
-            out.append(self.prior_treatment(r, i, label))
-        improvement = self.improvement(r)
-        if improvement:
-            out.append(improvement)
+        out.append(self.condition(r, ids))
+        out.append(self.medication_statement(r, ids))
+        if r.prior_treatments:
+            for i, label in enumerate(r.prior_treatments, 1):
+                out.append(self.prior_treatment(r, i, label, ids))
+        if r.improvement_pct is not None or r.evaluation_date is not None:
+            improvement = self.improvement(r, ids)
+            if improvement:
+                out.append(improvement)
         if r.score_name:
-            out.extend(self.scores(r))
-        recurrence = self.recurrence(r)
-        if recurrence:
-            out.append(recurrence)
-        for i, label in enumerate(r.adverse_events, 1):
-            out.append(self.adverse_event(r, i, label))
+            out.extend(self.scores(r, ids))
+        if r.recurrence_after_stop is not None:
+            recurrence = self.recurrence(r, ids)
+            if recurrence:
+                out.append(recurrence)
+        if r.adverse_events:
+            for i, label in enumerate(r.adverse_events, 1):
+                out.append(self.adverse_event(r, i, label, ids))
         return out
