@@ -10,22 +10,25 @@ patient is not new. Output bytes, rejects and their order are those of one proce
 """
 from __future__ import annotations
 
+import functools
+import pickle
+import queue
+import signal
+import threading
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import orjson
 
 from ruxo_fhir.bundle import BundleWriter, NdjsonWriter
+from ruxo_fhir.errors import WorkerError
 from ruxo_fhir.fhir_version import FhirVersion
 from ruxo_fhir.importer import _CaseBuilder, _PatientsPending, _reject_accepted
 from ruxo_fhir.records import CaseReader, CaseRecord, Reject
 from ruxo_fhir.resource import Resource
 from ruxo_fhir.validate import Problem
-
-if TYPE_CHECKING:
-    from multiprocessing.pool import AsyncResult
 
 CHUNK_ROWS = 200  # cases per worker task
 
@@ -220,6 +223,155 @@ def _pool_context() -> Any:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+class _RemoteTraceback(Exception):
+    """The worker's traceback, chained under the exception it raised (shown with RUXO_FHIR_DEBUG)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _worker_main(tasks: Any, lock: Any, results: Any, task_writer: Any,
+                 initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    """A worker's loop: take the next chunk off the shared task pipe, answer on its own pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
+    task_writer.close()  # only the main process writes tasks: EOF here once it is gone
+    if initializer is not None:
+        initializer(*initargs)
+    while True:
+        try:
+            with lock:
+                data = tasks.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if not data:
+            return
+        index, rows = pickle.loads(data)
+        try:
+            reply: tuple[int, bool, Any] = (index, True, _worker_rows(rows))
+        except Exception as exc:  # a bug: raised again in the main process, with this traceback
+            import traceback
+
+            reply = (index, False, (_picklable(exc), traceback.format_exc()))
+        try:
+            results.send_bytes(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            return  # the main process is gone
+
+
+def _picklable(exc: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__} in an import worker")
+    return exc
+
+
+class _Workers:
+    """`jobs` worker processes fed from one task pipe (whichever is free takes the next chunk),
+    each answering on a pipe of its own, read by the main thread.
+
+    Not multiprocessing.Pool: its worker-handler thread also waits on the result pipe, so while
+    a chunk's large result is being read it wakes up thousands of times (0.4-0.5 s of CPU at
+    25k rows, contending for the GIL with the main thread), and a worker killed mid-chunk, or a
+    Ctrl-C, left it waiting forever. Here a sender thread feeds the task pipe (a full task pipe
+    never blocks the thread that reads results), workers ignore SIGINT (the main process stops
+    them), and a worker that dies raises WorkerError.
+    """
+
+    def __init__(self, context: Any, jobs: int, initializer: Callable[..., None] | None,
+                 initargs: tuple[Any, ...]) -> None:
+        tasks, self._tasks = context.Pipe(duplex=False)
+        lock = context.Lock()
+        self._procs: list[Any] = []
+        self._results: list[Any] = []
+        self._done: dict[int, Any] = {}
+        try:
+            for _ in range(jobs):
+                reader, writer = context.Pipe(duplex=False)
+                self._results.append(reader)
+                proc = context.Process(target=_worker_main, daemon=True, name="ruxo-fhir import worker",
+                                       args=(tasks, lock, writer, self._tasks, initializer, initargs))
+                proc.start()
+                writer.close()  # the worker's end: EOF here when it dies
+                self._procs.append(proc)
+        except BaseException:
+            self.terminate()
+            raise
+        finally:
+            tasks.close()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send, name="ruxo-fhir import tasks", daemon=True)
+        self._sender.start()
+
+    def _send(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
+                self._tasks.send_bytes(data)
+            except OSError:
+                return  # the workers are gone; the main thread says why
+
+    def submit(self, index: int, rows: _Rows) -> None:
+        self._outbox.put(pickle.dumps((index, rows), pickle.HIGHEST_PROTOCOL))
+
+    def result(self, index: int) -> _ChunkResult:
+        """Chunk `index`'s result, waiting for it (others that come first are kept)."""
+        from multiprocessing.connection import wait
+
+        while index not in self._done:
+            sentinels = {proc.sentinel: proc for proc in self._procs}
+            ready: Any
+            for ready in wait([*self._results, *sentinels]):
+                if isinstance(ready, int):
+                    proc = sentinels[ready]
+                    if not self._results[self._procs.index(proc)].poll():
+                        raise self._died(proc)
+                    continue  # its last answer first
+                try:
+                    got, ok, value = pickle.loads(ready.recv_bytes())
+                except EOFError:
+                    raise self._died(self._procs[self._results.index(ready)]) from None
+                if not ok:
+                    exc, trace = value
+                    raise exc from _RemoteTraceback(trace)
+                self._done[got] = value
+        return self._done.pop(index)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _died(proc: Any) -> WorkerError:
+        proc.join(1)
+        code = proc.exitcode
+        how = (f"was killed by signal {-code}" if code is not None and code < 0
+               else f"stopped (exit code {code})")
+        hint = " (out of memory?)" if code == -signal.SIGKILL else ""
+        return WorkerError(f"an import worker process {how}{hint}; nothing was written: "
+                           "rerun the import, with fewer --jobs or --jobs 1")
+
+    def close(self) -> None:
+        """Stop the workers once every result is in."""
+        for _ in self._procs:
+            self._outbox.put(b"")
+        self._outbox.put(None)
+        self._sender.join()
+        for proc in self._procs:
+            proc.join()
+        self._close_pipes()
+
+    def terminate(self) -> None:
+        """Stop at once (an error, an interrupt, or the consumer gave up)."""
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join()
+        if hasattr(self, "_outbox"):
+            self._outbox.put(None)  # the sender's pending write fails now that no worker reads
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for conn in (*self._results, self._tasks):
+            conn.close()
+
+
 def parallel_chunks(
     reader: CaseReader,
     version: FhirVersion,
@@ -278,17 +430,22 @@ def parallel_chunks(
             records.append(record)
         return Chunk(records, result, dropped)
 
+    workers: _Workers | None = None
     try:
-        with context.Pool(jobs, initializer=init[0], initargs=init[1]) as pool:
-            for chunk in chunks:
-                task: AsyncResult[_ChunkResult] = pool.apply_async(_worker_rows, (chunk,))
-                inflight.append((chunk, task.get))
-                while len(inflight) > 2 * jobs:
-                    rows, get = inflight.popleft()
-                    yield settle(rows, get())
-            while inflight:
+        workers = _Workers(context, jobs, *init)
+        for index, chunk in enumerate(chunks):
+            workers.submit(index, chunk)
+            inflight.append((chunk, functools.partial(workers.result, index)))
+            while len(inflight) > 2 * jobs:
                 rows, get = inflight.popleft()
                 yield settle(rows, get())
+        while inflight:
+            rows, get = inflight.popleft()
+            yield settle(rows, get())
+        workers.close()
+        workers = None
     finally:
         _worker_state = None  # the main process's warm builder (forked workers have their copy)
+        if workers is not None:
+            workers.terminate()
     admit.finish()
