@@ -135,3 +135,18 @@ def test_ctrl_c_stops_workers_and_main_process(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.csv"]
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # stopped and reaped
+
+
+def test_spawned_workers_write_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where fork is missing (macOS default, Windows) workers are spawned and build their own state."""
+    import multiprocessing
+
+    src = tmp_path / "cases.csv"
+    _boundary_rows(src)
+    monkeypatch.setattr(import_jobs, "CHUNK_ROWS", 100)
+    monkeypatch.setattr(import_jobs, "_pool_context", lambda: multiprocessing.get_context("spawn"))
+    outs = [import_cases(src, tmp_path / f"out{jobs}", mapping=load_mapping(), fmt="ndjson",
+                         rejects_path=tmp_path / f"rejects{jobs}.csv", jobs=jobs).output for jobs in (1, 2)]
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert filecmp.cmpfiles(outs[0], outs[1], names, shallow=False)[1:] == ([], [])
+    assert filecmp.cmp(tmp_path / "rejects1.csv", tmp_path / "rejects2.csv", shallow=False)

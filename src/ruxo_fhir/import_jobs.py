@@ -234,6 +234,8 @@ def _worker_main(tasks: Any, lock: Any, results: Any, task_writer: Any,
                  initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
     """A worker's loop: take the next chunk off the shared task pipe, answer on its own pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked from the fork until ignored
     task_writer.close()  # only the main process writes tasks: EOF here once it is gone
     if initializer is not None:
         initializer(*initargs)
@@ -281,24 +283,30 @@ class _Workers:
     def __init__(self, context: Any, jobs: int, initializer: Callable[..., None] | None,
                  initargs: tuple[Any, ...]) -> None:
         tasks, self._tasks = context.Pipe(duplex=False)
-        lock = context.Lock()
+        lock = self._lock = context.Lock()  # kept: with spawn, a child rebuilds it from its name later
         self._procs: list[Any] = []
         self._results: list[Any] = []
         self._done: dict[int, Any] = {}
+        # SIGINT stays blocked while the workers start, so a Ctrl-C in that moment neither kills a
+        # worker before it ignores SIGINT nor is lost here (it arrives when unblocked below)
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
         try:
-            for _ in range(jobs):
-                reader, writer = context.Pipe(duplex=False)
-                self._results.append(reader)
-                proc = context.Process(target=_worker_main, daemon=True, name="ruxo-fhir import worker",
-                                       args=(tasks, lock, writer, self._tasks, initializer, initargs))
-                proc.start()
-                writer.close()  # the worker's end: EOF here when it dies
-                self._procs.append(proc)
+            try:
+                for _ in range(jobs):
+                    reader, writer = context.Pipe(duplex=False)
+                    self._results.append(reader)
+                    proc = context.Process(target=_worker_main, daemon=True, name="ruxo-fhir import worker",
+                                           args=(tasks, lock, writer, self._tasks, initializer, initargs))
+                    proc.start()
+                    writer.close()  # the worker's end: EOF here when it dies
+                    self._procs.append(proc)
+            finally:
+                tasks.close()
+                if masked is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, masked)  # a Ctrl-C held back arrives here
         except BaseException:
             self.terminate()
             raise
-        finally:
-            tasks.close()
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send, name="ruxo-fhir import tasks", daemon=True)
         self._sender.start()
