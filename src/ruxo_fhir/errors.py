@@ -33,6 +33,13 @@ class ConfigError(UsageError):
     missing, unknown auth kind): fix the configuration; the server was never asked (exit 2)."""
 
 
+class WorkerError(RuxoError):
+    """A worker process of `import --jobs` died (killed, out of memory): rerun, with fewer jobs;
+    nothing was written (exit 70, as for an internal error)."""
+
+    exit_code = 70
+
+
 class InputError(RuxoError):
     """An input file (or one row of it) is unusable: names file, row, column and why."""
 

@@ -3,21 +3,19 @@
 Streaming: rows are read, checked, mapped, validated and written one at a time. Cross-row
 state lives in the reader's compact `CrossRowIndex` (hashes in flat arrays); rejects are
 written to a temporary file as they come and renamed at the end. With `jobs > 1` worker
-processes map, validate and serialise chunks of cases while the main process reads and
-writes; the output is byte-identical to `jobs=1` (same order, same bytes).
+processes parse, map, validate and serialise chunks of cases while the main process reads,
+checks cross-row rules and writes (`import_jobs`); the output is byte-identical to `jobs=1`.
 """
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-import orjson
+from typing import IO, Any
 
 from ruxo_fhir.atomic import AtomicFile
-from ruxo_fhir.bundle import NdjsonWriter, writer_for
+from ruxo_fhir.bundle import writer_for
 from ruxo_fhir.csvsafe import SafeDictWriter
 from ruxo_fhir.fhir_version import FhirVersion, to_version
 from ruxo_fhir.mapping.forward import ForwardMapper
@@ -28,11 +26,7 @@ from ruxo_fhir.redact import redact
 from ruxo_fhir.resource import Resource
 from ruxo_fhir.validate import Problem, Validator
 
-if TYPE_CHECKING:  # multiprocessing is imported only for --jobs > 1
-    from multiprocessing.pool import AsyncResult
-
 REJECT_COLUMNS: tuple[str, ...] = (*CANONICAL_COLUMNS, "row", "error")
-CHUNK_ROWS = 200  # cases per worker task with jobs > 1
 
 
 @dataclass
@@ -189,154 +183,6 @@ def case_resources(
         yield record, resources
 
 
-# --- jobs > 1: worker processes parse, map, validate and serialise ---------------------------
-
-Serialized = list[tuple[str, bytes]]  # (resourceType, orjson bytes + newline) per resource
-_Outcome = tuple[Serialized, None] | tuple[None, Problem]
-# What a worker returns per row: the row-local reject, or the record with the outcome of its
-# Patient (None when the mapping writes no Patient) and of its other resources.
-_RowOutcome = Reject | tuple[CaseRecord, _Outcome | None, _Outcome]
-_Rows = list[tuple[int, list[str]]]
-
-_worker_state: tuple[CaseReader, _CaseBuilder] | None = None
-
-
-def _worker_init(reader: CaseReader, version: FhirVersion) -> None:
-    global _worker_state
-    _worker_state = (reader, _CaseBuilder(reader.mapping, version, share_constants=True))  # serialised at once
-
-
-def _serialize(resources: list[Resource]) -> Serialized:
-    dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
-    return [(r["resourceType"], dumps(r, option=newline)) for r in resources]
-
-
-def _checked(builder: _CaseBuilder, resources: list[Resource]) -> _Outcome:
-    validate = builder.validator.validate
-    for res in resources:
-        problems = validate(res)
-        if problems:
-            return None, problems[0]
-    return _serialize(resources), None
-
-
-def _worker_rows(rows: _Rows) -> list[_RowOutcome]:
-    """Parse, map, validate and serialise rows. Whether a case carries its Patient is only
-    known in the main process (cross-row), so the Patient is built and judged on its own."""
-    assert _worker_state is not None, "worker not initialised"
-    reader, builder = _worker_state
-    out: list[_RowOutcome] = []
-    for line, fields in rows:
-        item = reader.parse(line, fields)
-        if isinstance(item, Reject):
-            out.append(item)
-            continue
-        resources = builder.resources(item, include_patient=True)
-        patient: _Outcome | None = None
-        if resources and resources[0]["resourceType"] == "Patient":
-            patient = _checked(builder, resources[:1])
-            resources = resources[1:]
-        out.append((item, patient, _checked(builder, resources)))
-    return out
-
-
-def _chunks(rows: Iterable[tuple[int, list[str]]], size: int) -> Iterator[_Rows]:
-    chunk: _Rows = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _pool_context() -> Any:
-    import multiprocessing
-
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
-def parallel_case_resources(
-    reader: CaseReader,
-    mapping: MappingSpec,
-    version: FhirVersion,
-    on_reject: Callable[[Reject], None],
-    jobs: int,
-) -> Iterator[tuple[CaseRecord, Serialized]]:
-    """`case_resources` with `jobs` worker processes; yields serialised resources, in row order.
-
-    The main process only reads CSV rows, keeps the cross-row checks (in file order) and
-    writes; workers parse, map, validate and serialise chunks of rows. At most 2 x jobs chunks
-    are in flight, so memory stays flat. Verdicts, rejects and their order are those of one
-    process.
-    """
-    global _worker_state
-    pending = _PatientsPending()
-    admit = reader.admitter()
-    chunks = _chunks(reader.rows(), CHUNK_ROWS)
-    context = _pool_context()
-    inflight: deque[tuple[_Rows, Callable[[], list[_RowOutcome]]]] = deque()
-    init: tuple[Callable[..., None] | None, tuple[Any, ...]] = (_worker_init, (reader, version))
-    if context.get_start_method() == "fork":
-        # The first chunk is done here, before the workers fork: loading the FHIR models and
-        # compiling the first shapes (most of a worker's start-up) is paid once, and the forked
-        # workers inherit the warm builder instead of each building their own.
-        first = next(chunks, None)
-        if first is not None:
-            _worker_init(reader, version)
-            done = _worker_rows(first)
-            inflight.append((first, lambda: done))
-            init = (None, ())
-    try:
-        with context.Pool(jobs, initializer=init[0], initargs=init[1]) as pool:
-
-            def drain() -> Iterator[tuple[CaseRecord, Serialized]]:
-                rows, get = inflight.popleft()
-                for (line, fields), outcome in zip(rows, get()):
-                    item = admit(line, fields, outcome if isinstance(outcome, Reject) else outcome[0])
-                    if isinstance(item, Reject):
-                        on_reject(item)
-                        continue
-                    record = item.record
-                    assert not isinstance(outcome, Reject)
-                    _, patient, rest = outcome
-                    include = pending.include(item)
-                    data: Serialized = []
-                    problem: Problem | None = None
-                    if include and patient is not None:  # the Patient is validated first, as in one process
-                        patient_data, problem = patient
-                        data = list(patient_data or ())
-                    if problem is None:
-                        rest_data, problem = rest
-                        data += rest_data or ()
-                    pending.settle(record, include, problem is None)
-                    if problem is not None:
-                        _reject_accepted(reader, on_reject, record, version, problem)
-                        continue
-                    yield record, data
-
-            for chunk in chunks:
-                task: AsyncResult[list[_RowOutcome]] = pool.apply_async(_worker_rows, (chunk,))
-                inflight.append((chunk, task.get))
-                while len(inflight) > 2 * jobs:
-                    yield from drain()
-            while inflight:
-                yield from drain()
-    finally:
-        _worker_state = None  # the main process's warm builder (forked workers have their copy)
-    admit.finish()
-
-
-class _RawNdjsonWriter(NdjsonWriter):
-    """NdjsonWriter that also takes resources already serialised by a worker (same bytes,
-    newline included)."""
-
-    def write_raw(self, kind: str, data: bytes) -> None:
-        (self._writes.get(kind) or self._file(kind).write)(data)
-
-
 # --- the import ---------------------------------------------------------------------------
 
 def mapping_terminology_warnings(mapping: MappingSpec) -> list[str]:
@@ -386,20 +232,18 @@ def import_cases(
     for line in mapping_terminology_warnings(mapping):
         reader.report.warn(line)
     counts = result.resources
-    writer = _RawNdjsonWriter(out) if fmt == "ndjson" else writer_for(out, fmt)
+    if jobs > 1:  # the worker module (and multiprocessing) only when asked for
+        from ruxo_fhir.import_jobs import RawNdjsonWriter, parallel_chunks
+    writer = RawNdjsonWriter(out) if jobs > 1 and fmt == "ndjson" else writer_for(out, fmt)
     rejects: RejectsWriter | None = None
     try:
         rejects = RejectsWriter(rej_path)
         if jobs > 1:
-            bundle_write = writer.write
-            write_raw = (writer.write_raw if isinstance(writer, _RawNdjsonWriter)
-                         else lambda _kind, data: bundle_write(orjson.loads(data)))
-            for record, serialized in parallel_case_resources(reader, mapping, version, rejects.write, jobs):
-                for kind, data in serialized:
-                    write_raw(kind, data)
-                    counts[kind] += 1
+            for chunk in parallel_chunks(reader, version, rejects.write, jobs, by_kind=fmt == "ndjson"):
+                chunk.write_to(writer, counts)
                 if on_accepted:
-                    on_accepted(record)
+                    for record in chunk.records:
+                        on_accepted(record)
         else:
             write = writer.write
             for record, resources in case_resources(reader, mapping, version, rejects.write, share_constants=True):
