@@ -204,3 +204,98 @@ def test_cohort_counts_of_whole_types_name_no_identifier(rsps: responses.Request
     assert counts == {"Condition": 5, "Observation": 7}
     sent = json.loads(rsps.calls[0].request.body)
     assert [e["request"]["url"] for e in sent["entry"]] == ["Condition?_summary=count", "Observation?_summary=count"]
+
+
+# -- resources wanted by id: reads in the batch (FHIR http.html#read: 404 unknown, 410 deleted) --
+
+def resource(kind: str, rid: str) -> dict[str, Any]:
+    return {"resourceType": kind, "id": rid, "meta": {"versionId": "1", "lastUpdated": "2026-01-01T00:00:00Z"}}
+
+
+GONE = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "deleted"}]}
+UNKNOWN = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}
+
+
+def test_ids_go_as_read_entries_in_the_searches_batch(rsps: responses.RequestsMock, client: FhirClient) -> None:
+    """One request: the search entries first, then one `GET Type/id` per id; an entry answering
+    404 (unknown) or 410 (deleted) means the server holds no copy, which is an answer, not a
+    refusal: batch reads go on."""
+    rsps.post(BASE, json=batch_response(("200 OK", searchset(["x"])),
+                                        ("200 OK", resource("Patient", "a")),
+                                        ("404 Not Found", UNKNOWN),
+                                        ("410 Gone", GONE)))
+    searcher = Searcher(client, batch=True)
+    answers, found = searcher.find([("Patient", {"identifier": "s|1"})], {"Patient": ["a", "b"], "Condition": ["c"]})
+    assert [ids(a) for a in answers] == [["x"]] and ids(found) == ["a"]
+    assert methods(rsps) == ["POST"] and searcher.batch is True
+    sent = json.loads(rsps.calls[0].request.body)
+    assert [e["request"] for e in sent["entry"][1:]] == [
+        {"method": "GET", "url": "Patient/a"}, {"method": "GET", "url": "Patient/b"},
+        {"method": "GET", "url": "Condition/c"}]
+
+
+def test_without_batch_ids_go_as_id_searches_not_one_read_each(rsps: responses.RequestsMock,
+                                                               client: FhirClient) -> None:
+    rsps.get(f"{BASE}/Patient", json=searchset(["a"]))
+    answers, found = Searcher(client).find([], {"Patient": [f"p{i}" for i in range(60)]})
+    assert answers == [] and ids(found) == ["a", "a"]  # two `_id` searches (50 + 10), each answering a
+    queries = [parse_qs(urlsplit(c.request.url).query) for c in rsps.calls]
+    assert [len(q["_id"][0].split(",")) for q in queries] == [50, 10]
+
+
+def test_a_refused_read_entry_is_asked_by_id_search_and_batch_reads_stop(
+        rsps: responses.RequestsMock, client: FhirClient, caplog: pytest.LogCaptureFixture) -> None:
+    rsps.post(BASE, json=batch_response(("200 OK", resource("Patient", "a")), ("400 Bad Request", NOT_SUPPORTED)))
+    rsps.get(f"{BASE}/Patient", json=searchset(["b"]))
+    searcher = Searcher(client, batch=True)
+    with caplog.at_level(logging.INFO, logger="ruxo_fhir.sync"):
+        _, found = searcher.find([], {"Patient": ["a", "b"]})
+    assert sorted(ids(found)) == ["a", "b"] and methods(rsps) == ["POST", "GET"] and searcher.batch is False
+    assert parse_qs(urlsplit(rsps.calls[1].request.url).query)["_id"] == ["b"]
+    assert "plain searches from now on" in caplog.text
+
+
+@pytest.mark.parametrize("entry", [("503", None), ("200 OK", resource("Condition", "a"))],
+                         ids=["temporary", "another-type"])
+def test_a_read_entry_without_its_resource_is_asked_again_by_id_search(
+        rsps: responses.RequestsMock, client: FhirClient, entry: tuple[str, Any]) -> None:
+    """A temporary status is asked again plainly with batch reads kept; a 200 carrying some other
+    resource is not the answer to the read (and stops batch reads)."""
+    rsps.post(BASE, json=batch_response(entry))
+    rsps.get(f"{BASE}/Patient", json=searchset(["a"]))
+    searcher = Searcher(client, batch=True)
+    _, found = searcher.find([], {"Patient": ["a"]})
+    assert ids(found) == ["a"] and methods(rsps) == ["POST", "GET"]
+    assert searcher.batch is (entry[0] == "503")
+
+
+def test_types_the_statement_does_not_let_us_read_go_as_id_searches(rsps: responses.RequestsMock,
+                                                                    client: FhirClient) -> None:
+    rsps.post(BASE, json=batch_response(("200 OK", resource("Patient", "a"))))
+    rsps.get(f"{BASE}/Condition", json=searchset(["c"], "Condition"))
+    searcher = Searcher(client, batch=True, readable=lambda kind: kind != "Condition")
+    _, found = searcher.find([], {"Patient": ["a"], "Condition": ["c"]})
+    assert sorted(ids(found)) == ["a", "c"] and methods(rsps) == ["POST", "GET"]
+    sent = json.loads(rsps.calls[0].request.body)
+    assert [e["request"]["url"] for e in sent["entry"]] == ["Patient/a"]
+
+
+def test_ids_are_escaped_in_read_urls(rsps: responses.RequestsMock, client: FhirClient) -> None:
+    """An id from the data is a path segment: nothing in it may reach another path or query."""
+    rsps.post(BASE, json=batch_response(("404", UNKNOWN)))
+    Searcher(client, batch=True).find([], {"Patient": ["../Condition?x=1"]})
+    sent = json.loads(rsps.calls[0].request.body)
+    assert sent["entry"][0]["request"]["url"] == "Patient/..%2FCondition%3Fx%3D1"
+
+
+def test_many_reads_split_into_batches_of_at_most_500_entries(rsps: responses.RequestsMock,
+                                                             client: FhirClient) -> None:
+    def answer(request: Any) -> tuple[int, dict[str, str], str]:
+        entries = json.loads(request.body)["entry"]
+        reply = batch_response(*[("404", UNKNOWN) for _ in entries])
+        return 200, {"Content-Type": "application/fhir+json"}, json.dumps(reply)
+
+    rsps.add_callback(responses.POST, BASE, callback=answer)
+    _, found = Searcher(client, batch=True, workers=2).find([], {"Observation": [f"o{i}" for i in range(1200)]})
+    assert found == []
+    assert sorted(len(json.loads(c.request.body)["entry"]) for c in rsps.calls) == [200, 500, 500]

@@ -2,7 +2,7 @@
 
 The adapter means a resource by its identifier (system from the mapping, value from the
 case), never by a server id. This module finds the server's copies of a set of identities
-(batched searches by identifier, or by `_id` where ids are client-assigned), and rewrites a
+(batched searches by identifier, or reads by id where ids are client-assigned), and rewrites a
 local resource's references to the ids the server holds.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ruxo_fhir.mapping.reverse import identifier_value, identifiers, reference_k
 from ruxo_fhir.mapping.spec import MappingSpec
 from ruxo_fhir.sync.client import Client as Client  # the one client seam (was defined here)
 from ruxo_fhir.sync.ledger import content_hash
-from ruxo_fhir.sync.searches import PAGE, Search, Searcher, chunks
+from ruxo_fhir.sync.searches import Search, Searcher, chunks
 
 Resource = dict[str, Any]
 SEARCH_CHUNK = 40  # identifier values per search URL (a few KB at most)
@@ -87,6 +87,8 @@ class CopyQuery:
         self.searches: list[Search] = []
         self._readers: list[Callable[[list[Resource]], None]] = []
         self.found: dict[Identity, list[ServerCopy]] = defaultdict(list)
+        self.ids: dict[str, list[str]] = {}  # wanted by id, per type
+        self.wanted: dict[str, Identity] = {}  # `Type/id` -> identity
 
     def by_identifier(self, idents: Iterable[Identity]) -> CopyQuery:
         """Batched `identifier=s|v1,s|v2` searches (OR)."""
@@ -110,22 +112,12 @@ class CopyQuery:
         return self
 
     def by_id(self, wanted: dict[str, Identity]) -> CopyQuery:
-        """Client-assigned ids: batched `_id` searches; `wanted` maps `Type/id` to identity."""
-        by_kind: dict[str, list[str]] = defaultdict(list)
-        for key in wanted:
+        """Client-assigned ids: read by id (reads in a batch, else batched `_id` searches);
+        `wanted` maps `Type/id` to identity."""
+        for key, ident in wanted.items():
             kind, rid = key.split("/", 1)
-            by_kind[kind].append(rid)
-
-        def read(kind: str, found: list[Resource]) -> None:
-            for res in found:
-                ident = wanted.get(f"{kind}/{res.get('id')}")
-                if ident is not None:
-                    self.found[ident].append(ServerCopy.of(res))
-
-        for kind, ids in by_kind.items():
-            for part in chunks(ids, PAGE):
-                self._add(kind, {"_id": ",".join(part), "_count": str(len(part))},
-                          partial(read, kind))
+            self.ids.setdefault(kind, []).append(rid)
+            self.wanted[key] = ident
         return self
 
     def _by_systems(self, kind: str, by_system: dict[str, set[str]], found: list[Resource]) -> None:
@@ -138,8 +130,13 @@ class CopyQuery:
         self._readers.append(reader)
 
     def run(self, searcher: Searcher) -> dict[Identity, list[ServerCopy]]:
-        for reader, found in zip(self._readers, searcher.resources(self.searches)):
+        answers, by_id = searcher.find(self.searches, self.ids)
+        for reader, found in zip(self._readers, answers):
             reader(found)
+        for res in by_id:
+            ident = self.wanted.get(f"{res.get('resourceType')}/{res.get('id')}")
+            if ident is not None and all(c.id != res.get("id") for c in self.found[ident]):
+                self.found[ident].append(ServerCopy.of(res))
         return self.found
 
 
@@ -157,7 +154,7 @@ def find_by_subject(client: Client, kind: str, subjects: Iterable[str], idents: 
 
 def find_by_id(client: Client, wanted: dict[str, Identity], searcher: Searcher | None = None
                ) -> dict[Identity, list[ServerCopy]]:
-    """Client-assigned ids: copies by batched `_id` searches; `wanted` maps `Type/id` to identity."""
+    """Client-assigned ids: copies read by id; `wanted` maps `Type/id` to identity."""
     return CopyQuery().by_id(wanted).run(searcher or Searcher(client))
 
 

@@ -590,9 +590,10 @@ class Pusher:
                 raise CapabilityError("server does not support transactions; use --mode batch")
             self._switch_to_batch("server declares batch but not transaction")
         self.searchable = identifier_searchable(self.caps)
-        # the reads before writing: one batch of searches where the server declares `batch`,
-        # else plain GETs, as many at once as bundles may be in flight
-        self.searcher = Searcher(self.client, batch="batch" in interactions, workers=self.opt.concurrency)
+        # the reads before writing: one batch of searches and reads where the server declares
+        # `batch`, else plain GETs, as many at once as bundles may be in flight
+        self.searcher = Searcher(self.client, batch="batch" in interactions, workers=self.opt.concurrency,
+                                 readable=lambda kind: self.caps.missing_interactions(kind, ("read",)) == [])
         shared = shared_systems_warning(self.mapping, self.server)
         if shared:
             self._notice(shared)

@@ -7,15 +7,20 @@ declares the `batch` system interaction takes them as ONE request (FHIR http.htm
 a batch entry may be a GET search; its response.resource is the searchset Bundle). Otherwise,
 and for the next pages a full answer points to, the searches go as plain GETs, up to `workers`
 at a time. Retries and Retry-After are the client's (one policy for every request).
+
+Resources wanted by id go in a batch as reads, `GET Type/id` entries (a missing one answers 404,
+a deleted one 410): a read is an index lookup on any server, where an `_id` search may scan the
+type (Medplum's in-memory engine does, so its cost grew with what the server holds). Without a
+batch they go as `_id` searches of PAGE ids: one GET per PAGE, not one per id.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from ruxo_fhir.errors import FatalServerError
 from ruxo_fhir.sync.client import Client
@@ -25,18 +30,41 @@ from ruxo_fhir.transport.outcome import TEMPORARY_STATUSES, summarize_outcome
 log = logging.getLogger("ruxo_fhir.sync")
 Resource = dict[str, Any]
 Search = tuple[str, dict[str, str]]  # resource type, search parameters
+Entry = tuple[str, str, bool]  # resource type, relative URL, whether it is a read (else a search)
 PAGE = 50  # ids per search and `_count`: within the page size servers grant, so no next page
-BATCH_ENTRIES = 100  # GET entries per batch request
+BATCH_ENTRIES = 500  # GET entries per batch request (Azure FHIR caps a bundle at 500 entries)
 
 
 class Searcher:
     """Runs a list of searches and gives back, per search, every page of its answer."""
 
-    def __init__(self, client: Client, *, batch: bool = False, workers: int = 1) -> None:
+    def __init__(self, client: Client, *, batch: bool = False, workers: int = 1,
+                 readable: Callable[[str], bool] | None = None) -> None:
         self.client = client
         self.batch = batch  # the server declares `batch`; False after it refused a batch read
         self.workers = max(1, workers)
+        self.readable = readable or (lambda kind: True)  # the statement allows `read` of a type
         self._lock = threading.Lock()
+
+    def find(self, searches: list[Search], ids: dict[str, list[str]]) -> tuple[list[list[Resource]], list[Resource]]:
+        """What each search found (as `resources`), and those of the wanted ids (by type) the
+        server holds: as reads in the searches' batch where there is one, else `_id` searches."""
+        reads = [(kind, rid) for kind, rids in ids.items() if self.readable(kind) for rid in rids]
+        if not (self.batch and reads):
+            return self._searched(searches, ids)
+        out, found, missed = self._batched(searches, False, reads)
+        answers = [list(_resources(kind, pages)) for (kind, _), pages in zip(searches, out)]
+        rest = {kind: rids for kind, rids in ids.items() if not self.readable(kind)}
+        for kind, rid in missed:  # refused or temporarily failed entries: by `_id` search
+            rest.setdefault(kind, []).append(rid)
+        return answers, found + self._searched([], rest)[1]
+
+    def _searched(self, searches: list[Search], ids: dict[str, list[str]]
+                  ) -> tuple[list[list[Resource]], list[Resource]]:
+        by_id = [(kind, {"_id": ",".join(part), "_count": str(len(part))})
+                 for kind, rids in ids.items() for part in chunks(rids, PAGE)]
+        answers = self.resources(searches + by_id)
+        return answers[:len(searches)], [r for found in answers[len(searches):] for r in found]
 
     def pages(self, searches: list[Search], *, first_only: bool = False) -> list[list[Resource]]:
         """The searchset Bundles of each search, in the order asked: every page (next links
@@ -44,7 +72,7 @@ class Searcher:
         if not searches:
             return []
         if self.batch and len(searches) > 1:
-            return self._batched(searches, first_only)
+            return self._batched(searches, first_only)[0]
         return self._each(lambda s: self._plain(s, first_only), searches)
 
     def _plain(self, search: Search, first_only: bool) -> list[Resource]:
@@ -63,12 +91,18 @@ class Searcher:
         with ThreadPoolExecutor(max_workers=min(self.workers, len(items)), thread_name_prefix="ruxo-read") as pool:
             return list(pool.map(fn, items))
 
-    def _batched(self, searches: list[Search], first_only: bool) -> list[list[Resource]]:
-        parts = [searches[i:i + BATCH_ENTRIES] for i in range(0, len(searches), BATCH_ENTRIES)]
-        answers = self._each(self._post, parts)
+    def _batched(self, searches: list[Search], first_only: bool, reads: list[tuple[str, str]] = ()
+                 ) -> tuple[list[list[Resource]], list[Resource], list[tuple[str, str]]]:
+        """The searches' pages, the resources read, and the reads that still need asking."""
+        items: list[Entry] = [(kind, f"{kind}?{urlencode(params)}", False) for kind, params in searches]
+        items += [(kind, f"{kind}/{quote(rid, safe='')}", True) for kind, rid in reads]
+        parts = [items[i:i + BATCH_ENTRIES] for i in range(0, len(items), BATCH_ENTRIES)]
+        answers = [a for answer in self._each(self._post, parts) for a in answer]
+        found = [r for a in answers[len(searches):] if a is not None for r in a]
+        missed = [read for read, a in zip(reads, answers[len(searches):]) if a is None]
         out: list[list[Resource]] = []
         again: list[int] = []
-        for i, pages in enumerate(page for answer in answers for page in answer):
+        for i, pages in enumerate(answers[:len(searches)]):
             out.append(pages or [])
             if pages is None:
                 again.append(i)
@@ -80,15 +114,16 @@ class Searcher:
             more = self._each(lambda i: list(self.client.next_pages(searches[i][0], out[i][-1])), follow)
             for i, pages in zip(follow, more):
                 out[i] = out[i] + pages
-        return out
+        return out, found, missed
 
-    def _post(self, part: list[Search]) -> list[list[Resource] | None]:
-        """One batch of GET entries: each entry's searchset (its first page), or None for an
-        entry to search plainly. A refusal turns batch reads off for the rest of the run."""
+    def _post(self, part: list[Entry]) -> list[list[Resource] | None]:
+        """One batch of GET entries: each search's searchset (its first page), each read's
+        resource ([] when the server has none: 404, or 410 deleted), or None for an entry to ask
+        plainly. A refusal turns batch reads off for the rest of the run."""
         if not self.batch:
             return [None] * len(part)
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-            {"request": {"method": "GET", "url": f"{kind}?{urlencode(params)}"}} for kind, params in part]}
+            {"request": {"method": "GET", "url": url}} for _, url, _ in part]}
         try:
             reply = self.client.post_bundle(bundle, idempotent=True)
         except FatalServerError as exc:
@@ -96,19 +131,22 @@ class Searcher:
             return [None] * len(part)
         entries = reply.get("entry") if isinstance(reply, dict) else None
         if not isinstance(entries, list) or len(entries) != len(part) or reply.get("type") != "batch-response":
-            self._refused("its reply is not a batch-response with one entry per search")
+            self._refused("its reply is not a batch-response with one entry per request")
             return [None] * len(part)
         out: list[list[Resource] | None] = []
-        for entry in entries:
+        for (kind, _, read), entry in zip(part, entries):
             response = entry.get("response") if isinstance(entry, dict) else None
             status = status_code((response or {}).get("status")) if isinstance(response, dict) else 0
             found = entry.get("resource") if isinstance(entry, dict) else None
-            if 200 <= status < 300 and isinstance(found, dict) and found.get("resourceType") == "Bundle":
+            if 200 <= status < 300 and isinstance(found, dict) and found.get("resourceType") == (kind if read else "Bundle"):
                 out.append([found])
                 continue
+            if read and status in (404, 410):  # not there, or deleted: nothing to compare with
+                out.append([])
+                continue
             out.append(None)
-            if status not in TEMPORARY_STATUSES:  # a temporary one is retried as a plain GET
-                self._refused(f"an entry answered {status or 'without a searchset'}")
+            if status not in TEMPORARY_STATUSES:  # a temporary one is asked again plainly
+                self._refused(f"an entry answered {status or 'without its resource'}")
         return out
 
     def _refused(self, why: str) -> None:
