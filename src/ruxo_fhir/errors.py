@@ -35,9 +35,10 @@ class ConfigError(UsageError):
 
 class WorkerError(RuxoError):
     """A worker process of `import --jobs` died (killed, out of memory): rerun, with fewer jobs;
-    nothing was written (exit 70, as for an internal error)."""
+    nothing was written. Exit 71 (EX_OSERR): the system took the process, which is not a bug of
+    ours (70 stays for those)."""
 
-    exit_code = 70
+    exit_code = 71
 
 
 class InputError(RuxoError):
