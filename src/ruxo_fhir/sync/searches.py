@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -91,7 +91,7 @@ class Searcher:
         with ThreadPoolExecutor(max_workers=min(self.workers, len(items)), thread_name_prefix="ruxo-read") as pool:
             return list(pool.map(fn, items))
 
-    def _batched(self, searches: list[Search], first_only: bool, reads: list[tuple[str, str]] = ()
+    def _batched(self, searches: list[Search], first_only: bool, reads: Sequence[tuple[str, str]] = ()
                  ) -> tuple[list[list[Resource]], list[Resource], list[tuple[str, str]]]:
         """The searches' pages, the resources read, and the reads that still need asking."""
         items: list[Entry] = [(kind, f"{kind}?{urlencode(params)}", False) for kind, params in searches]
