@@ -299,3 +299,44 @@ def test_many_reads_split_into_batches_of_at_most_500_entries(rsps: responses.Re
     _, found = Searcher(client, batch=True, workers=2).find([], {"Observation": [f"o{i}" for i in range(1200)]})
     assert found == []
     assert sorted(len(json.loads(c.request.body)["entry"]) for c in rsps.calls) == [200, 500, 500]
+
+
+def transaction_response(*entries: tuple[str, dict[str, Any] | None]) -> dict[str, Any]:
+    return {**batch_response(*entries), "type": "transaction-response"}
+
+
+def test_transaction_only_server_takes_the_searches_as_one_transaction_of_gets(
+        rsps: responses.RequestsMock, client: FhirClient) -> None:
+    """A server declaring `transaction` but not `batch` (HAPI JPA): the ids go as `_id` searches
+    (a read's 404 would fail the whole transaction), all of them in one transaction of GETs."""
+    rsps.post(BASE, json=transaction_response(("200 OK", searchset(["x"])),
+                                              ("200 OK", searchset(["a"])),
+                                              ("200 OK", searchset(["c"], "Condition"))))
+    searcher = Searcher(client, transaction=True)
+    answers, found = searcher.find([("Patient", {"identifier": "s|1"})], {"Patient": ["a", "b"], "Condition": ["c"]})
+    assert [ids(a) for a in answers] == [["x"]] and ids(found) == ["a", "c"]
+    assert methods(rsps) == ["POST"] and searcher.batch is True
+    sent = json.loads(rsps.calls[0].request.body)
+    assert sent["type"] == "transaction"
+    urls = [urlsplit(e["request"]["url"]) for e in sent["entry"]]
+    assert [e["request"]["method"] for e in sent["entry"]] == ["GET"] * 3
+    assert [u.path for u in urls] == ["Patient", "Patient", "Condition"]
+    assert [parse_qs(u.query).get("_id") for u in urls] == [None, ["a,b"], ["c"]]
+
+
+@pytest.mark.parametrize("reply", [
+    batch_response(("200 OK", searchset(["a", "b"])), ("200 OK", searchset(["c"], "Condition"))),  # wrong type
+    {"status": 400, "json": NOT_SUPPORTED},  # the server refuses GETs in a transaction
+])
+def test_a_refused_transaction_of_searches_falls_back_to_plain_searches(
+        rsps: responses.RequestsMock, client: FhirClient, reply: dict[str, Any]) -> None:
+    if reply.get("status") == 400:
+        rsps.post(BASE, status=400, json=reply["json"])
+    else:
+        rsps.post(BASE, json=reply)
+    rsps.get(f"{BASE}/Patient", json=searchset(["a", "b"]))
+    rsps.get(f"{BASE}/Condition", json=searchset(["c"], "Condition"))
+    searcher = Searcher(client, transaction=True)
+    assert [ids(f) for f in searcher.resources(SEARCHES)] == [["a", "b"], ["c"]]
+    assert searcher.resources(SEARCHES) and searcher.batch is False
+    assert methods(rsps) == ["POST", "GET", "GET", "GET", "GET"]  # not tried again

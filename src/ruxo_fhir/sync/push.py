@@ -591,9 +591,11 @@ class Pusher:
             self._switch_to_batch("server declares batch but not transaction")
         self.searchable = identifier_searchable(self.caps)
         # the reads before writing: one batch of searches and reads where the server declares
-        # `batch`, else plain GETs, as many at once as bundles may be in flight
+        # `batch`, else one transaction of searches where it declares `transaction`, else plain
+        # GETs, as many at once as bundles may be in flight
         self.searcher = Searcher(self.client, batch="batch" in interactions, workers=self.opt.concurrency,
-                                 readable=lambda kind: self.caps.missing_interactions(kind, ("read",)) == [])
+                                 readable=lambda kind: self.caps.missing_interactions(kind, ("read",)) == [],
+                                 transaction="transaction" in interactions)
         shared = shared_systems_warning(self.mapping, self.server)
         if shared:
             self._notice(shared)

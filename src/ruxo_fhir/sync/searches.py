@@ -8,6 +8,11 @@ a batch entry may be a GET search; its response.resource is the searchset Bundle
 and for the next pages a full answer points to, the searches go as plain GETs, up to `workers`
 at a time. Retries and Retry-After are the client's (one policy for every request).
 
+A server that declares `transaction` but not `batch` (HAPI JPA's CapabilityStatement) takes
+the searches as one transaction of GET entries instead: a transaction may hold GETs (FHIR
+http.htm#trules: processed after the writes, of which there are none here), each answered by
+its searchset; a search has no "not found" that would fail the whole transaction.
+
 Resources wanted by id go in a batch as reads, `GET Type/id` entries (a missing one answers 404,
 a deleted one 410): a read is an index lookup on any server, where an `_id` search may scan the
 type (Medplum's in-memory engine does, so its cost grew with what the server holds). Without a
@@ -39,9 +44,12 @@ class Searcher:
     """Runs a list of searches and gives back, per search, every page of its answer."""
 
     def __init__(self, client: Client, *, batch: bool = False, workers: int = 1,
-                 readable: Callable[[str], bool] | None = None) -> None:
+                 readable: Callable[[str], bool] | None = None, transaction: bool = False) -> None:
         self.client = client
-        self.batch = batch  # the server declares `batch`; False after it refused a batch read
+        # the Bundle type that carries the searches: `batch` where declared, else `transaction`
+        # where declared (searches only: a read's 404 would fail a transaction), else none
+        self.kind = "batch" if batch else "transaction" if transaction else None
+        self.batch = self.kind is not None  # False after the server refused a bundle of reads
         self.workers = max(1, workers)
         self.readable = readable or (lambda kind: True)  # the statement allows `read` of a type
         self._lock = threading.Lock()
@@ -50,7 +58,7 @@ class Searcher:
         """What each search found (as `resources`), and those of the wanted ids (by type) the
         server holds: as reads in the searches' batch where there is one, else `_id` searches."""
         reads = [(kind, rid) for kind, rids in ids.items() if self.readable(kind) for rid in rids]
-        if not (self.batch and reads):
+        if not (self.batch and reads and self.kind == "batch"):
             return self._searched(searches, ids)
         out, found, missed = self._batched(searches, False, reads)
         answers = [list(_resources(kind, pages)) for (kind, _), pages in zip(searches, out)]
@@ -122,7 +130,7 @@ class Searcher:
         plainly. A refusal turns batch reads off for the rest of the run."""
         if not self.batch:
             return [None] * len(part)
-        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        bundle = {"resourceType": "Bundle", "type": self.kind, "entry": [
             {"request": {"method": "GET", "url": url}} for _, url, _ in part]}
         try:
             reply = self.client.post_bundle(bundle, idempotent=True)
@@ -130,8 +138,8 @@ class Searcher:
             self._refused(f"HTTP {exc.status}")  # 401/403 raise AuthError, never refuse
             return [None] * len(part)
         entries = reply.get("entry") if isinstance(reply, dict) else None
-        if not isinstance(entries, list) or len(entries) != len(part) or reply.get("type") != "batch-response":
-            self._refused("its reply is not a batch-response with one entry per request")
+        if not isinstance(entries, list) or len(entries) != len(part) or reply.get("type") != f"{self.kind}-response":
+            self._refused(f"its reply is not a {self.kind}-response with one entry per request")
             return [None] * len(part)
         out: list[list[Resource] | None] = []
         for (kind, _, read), entry in zip(part, entries):
@@ -153,8 +161,8 @@ class Searcher:
         with self._lock:
             if self.batch:
                 self.batch = False
-                log.info("push: the server did not answer searches in a batch (%s); plain searches from now on",
-                         why)
+                log.info("push: the server did not answer searches in a %s (%s); plain searches from now on",
+                         self.kind, why)
 
 
 def _has_next(page: Resource) -> bool:
