@@ -40,16 +40,27 @@ def test_help_and_usage_errors_load_no_model_mapping_or_server_code() -> None:
         assert not heavy, f"{args}: {heavy}"
 
 
-def test_import_loads_no_server_or_plot_code_and_one_fhirpath_model(tmp_path: Path) -> None:
+def test_import_loads_no_server_or_plot_code_and_no_fhirpath_engine(tmp_path: Path) -> None:
     """An import maps and validates: the models and rules, not the HTTP stack, the config
-    file reader or the plot; and fhirpathpy's model of the one FHIR version in use (its
-    `fhirpathpy.models` module reads all four versions it ships)."""
+    file reader or the plot; the cohort's invariants are all simple enough to be decided in
+    Python (conformance._quick), so fhirpathpy and its parser (~0.2 s) are not loaded either."""
     out = tmp_path / "out"
     loaded = loaded_after("from ruxo_fhir import api\n"
                           f"api.import_file({str(EXAMPLE_CSV)!r}, {str(out)!r}, api.ImportOptions(fmt='ndjson'))")
-    assert {"ruxo_fhir.importer", "fhirpathpy", "fhir.resources"} <= loaded  # it did validate
+    assert {"ruxo_fhir.importer", "ruxo_fhir.conformance", "fhir.resources"} <= loaded  # it did validate
     assert sorted(out.glob("*.ndjson"))
-    assert not under(loaded, *SERVER, *PLOT, "fhirpathpy.models")
+    assert not under(loaded, *SERVER, *PLOT, "fhirpathpy", "antlr4")
+
+
+def test_an_invariant_that_needs_fhirpath_loads_one_version_model() -> None:
+    """obs-7 with a component reads %resource inside where(): fhirpathpy evaluates it, with its
+    model of the one FHIR version in use (its `fhirpathpy.models` module reads all four)."""
+    obs = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "a"},
+           "valueString": "x", "component": [{"code": {"text": "b"}, "valueString": "y"}]}
+    loaded = loaded_after("from ruxo_fhir.validate import Validator\n"
+                          f"assert Validator('R4', fast=False).check({obs!r}) == []")
+    assert "fhirpathpy" in loaded
+    assert not under(loaded, "fhirpathpy.models")
 
 
 def test_outcomes_of_a_file_loads_no_server_code() -> None:

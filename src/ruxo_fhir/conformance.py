@@ -169,6 +169,73 @@ def _absent_chain(tokens: list[str]) -> str | None:
     return first
 
 
+@dataclass(frozen=True)
+class _Elements:
+    """The element names at an invariant's context (from the rules): `known` all of them,
+    `choices` the stems of the choice ones (`value` for value[x])."""
+
+    known: frozenset[str] = frozenset()
+    choices: frozenset[str] = frozenset()
+
+    def absent(self, node: Node, name: str) -> bool:
+        """No element `name` in `node`: neither its key nor `_name` (a primitive's id and
+        extensions, which FHIRPath sees as the element); for a choice (or a name the rules do
+        not list here), no `nameXxx` key either."""
+        if name in self.choices or name not in self.known:
+            size = len(name)
+            if any(k.lstrip("_").startswith(name) and k.lstrip("_")[size:size + 1].isupper() for k in node):
+                return False
+            if name in self.choices:
+                return True
+        return name not in node and f"_{name}" not in node
+
+    def present(self, node: Node, name: str) -> bool:
+        """`name` holds a non-empty value here: FHIRPath's `name.exists()` is true."""
+        if name in self.choices:
+            size = len(name)
+            return any(_filled(v) for k, v in node.items() if k.startswith(name) and k[size:size + 1].isupper())
+        return _filled(node.get(name))
+
+
+def _filled(value: Any) -> bool:
+    return value is not None and value != [] and value != {}
+
+
+def _quick_atom(tokens: list[str], node: Node, elements: _Elements) -> bool | None:
+    """The verdict of one operand that needs no FHIRPath engine, else None: a path chain ending
+    in `.empty()` whose first step is absent (true: every step after it, where() included, maps
+    nothing to nothing), and `name.empty()` / `name.exists()` / `name.hasValue().not()` on one
+    step whose presence decides it."""
+    chain = _absent_chain(tokens)
+    if chain is not None and elements.absent(node, chain):
+        return True
+    if len(tokens) < 5 or tokens[1] != "." or not tokens[0][:1].isalpha() or tokens[0] in _WORD_OPERATORS:
+        return None
+    name, call = tokens[0], tokens[2:]
+    if call == ["exists", "(", ")"]:
+        return True if elements.present(node, name) else False if elements.absent(node, name) else None
+    if call == ["empty", "(", ")"]:
+        return False if elements.present(node, name) else None
+    if call == ["hasValue", "(", ")", ".", "not", "(", ")"]:
+        if elements.absent(node, name):
+            return True
+        value = node.get(name)
+        return False if isinstance(value, (str, bool, int, float)) and name not in elements.choices else None
+    return None
+
+
+def _quick(tokens: list[str], node: Node, elements: _Elements) -> bool | None:
+    """`A or B ...` (each an `and` of operands) decided without the FHIRPath engine where the
+    operands allow: or/and of known verdicts, else None (the engine decides)."""
+    verdicts: list[bool | None] = []
+    for operand in _split_top(tokens, "or"):
+        terms = [_quick_atom(_strip_parens(t), node, elements) for t in _split_top(_strip_parens(operand), "and")]
+        verdicts.append(False if False in terms else True if all(t is True for t in terms) else None)
+    if True in verdicts:
+        return True
+    return False if all(v is False for v in verdicts) else None
+
+
 @dataclass
 class Invariant:
     """One FHIRPath constraint of the spec, compiled lazily; see `shape_proof`."""
@@ -186,6 +253,7 @@ class Invariant:
 
     structural: bool = False
     reads_all: bool = False
+    elements: _Elements = field(default_factory=_Elements)  # the names at its context
     _memo: dict[Any, bool | None] = field(default_factory=dict)
     _parts: dict[str, Invariant] = field(default_factory=dict)
 
@@ -222,11 +290,18 @@ class Invariant:
         found = self._parts.get(text)
         if found is None:
             found = self._parts[text] = Invariant(self.key, self.severity, self.human, text, self.base,
-                                                  self.fhir_version)
+                                                  self.fhir_version, elements=self.elements)
         return found
 
     def holds(self, node: Node, root: Resource) -> bool | None:
-        """The invariant's verdict on `node`; None when fhirpathpy cannot evaluate it."""
+        """The invariant's verdict on `node`; None when fhirpathpy cannot evaluate it. Simple
+        ones (`x.empty() or y.exists()` on what is present) are decided here: fhirpathpy, its
+        parser and its model load only for an invariant that needs them."""
+        quick = _quick(self.tokens, node, self.elements)
+        return quick if quick is not None else self.engine_verdict(node, root)
+
+    def engine_verdict(self, node: Node, root: Resource) -> bool | None:
+        """fhirpathpy's verdict (None when it cannot evaluate the expression)."""
         from fhirpathpy import apply_parsed_path
         from fhirpathpy.engine.nodes import ResourceNode
 
@@ -263,8 +338,7 @@ class Invariant:
 
     def _operand_true(self, operand: list[str], node: Node, root: Resource) -> bool:
         chain = _absent_chain(operand)
-        if chain is not None and not any(k == chain or (k.startswith(chain) and k[len(chain):len(chain) + 1].isupper())
-                                         for k in node):
+        if chain is not None and self.elements.absent(node, chain):
             return True
         if len(operand) != len(self.tokens) and _structural(operand):
             return self.part(operand).verdict(node, root) is True
@@ -470,10 +544,16 @@ def _type_rules(tname: str, tdata: dict[str, Any], valuesets: dict[str, Any], ve
         if first is not None:
             elements.setdefault(prefix, []).append(first)
     invariants: dict[str, list[Invariant]] = {}
+    at: dict[str, _Elements] = {}
     for c in tdata["constraints"]:
         base = _FHIR_TYPES_FOR_BASE.get(tname, tname) + (f".{c['context']}" if c["context"] else "")
+        names = at.get(c["context"])
+        if names is None:
+            rules = elements.get(c["context"], [])
+            names = at[c["context"]] = _Elements(frozenset(r.name.removesuffix("[x]") for r in rules),
+                                                 frozenset(r.name[:-3] for r in rules if r.name.endswith("[x]")))
         invariants.setdefault(c["context"], []).append(
-            Invariant(c["key"], c["severity"], c["human"], c["expression"], base, version))
+            Invariant(c["key"], c["severity"], c["human"], c["expression"], base, version, elements=names))
     return TypeRules(tname, keys, elements, invariants)
 
 
