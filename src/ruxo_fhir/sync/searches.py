@@ -1,4 +1,4 @@
-"""Many searches at once: one FHIR `batch` of GET entries, or plain GETs side by side.
+"""Many searches at once: one FHIR `batch` (or `transaction`) of GET entries, or plain GETs side by side.
 
 Push reads the server's copies of a window of resources before it writes (sync/identity.py)
 and counts the cohort after (sync/prune.py): dozens of small searches. Issued one after another
@@ -10,7 +10,7 @@ at a time. Retries and Retry-After are the client's (one policy for every reques
 
 A server that declares `transaction` but not `batch` (HAPI JPA's CapabilityStatement) takes
 the searches as one transaction of GET entries instead: a transaction may hold GETs (FHIR
-http.htm#trules: processed after the writes, of which there are none here), each answered by
+http.html#trules: processed after the writes, of which there are none here), each answered by
 its searchset; a search has no "not found" that would fail the whole transaction.
 
 Resources wanted by id go in a batch as reads, `GET Type/id` entries (a missing one answers 404,
