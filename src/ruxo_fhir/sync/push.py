@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -439,28 +439,46 @@ class _Ahead:
     found: dict[Identity, list[ServerCopy]]
 
 
+class _Bundle:
+    """A bundle given to `_Flight`: its resources' keys, the earlier bundles it waits for."""
+
+    __slots__ = ("deps", "keys", "landed", "send")
+
+    def __init__(self, keys: list[str], deps: set[_Bundle], send: Callable[[], None]) -> None:
+        self.keys = keys
+        self.deps = deps
+        self.send = send
+        self.landed = False
+
+
 class _Flight:
     """Up to `limit` bundles in flight on sending threads, in reference order.
 
-    A bundle is submitted only after every in-flight bundle holding a resource it references
+    A bundle is sent only after every earlier bundle holding a resource it references
     (`Type/id`) has landed, so a server checking referential integrity sees the order a
-    sequential push gives it. Only the keys of bundles in flight are kept (memory stays flat).
-    The first error stops new submissions; bundles already sent finish (and are recorded), then
-    the error is raised, as a sequential push would raise it.
+    sequential push gives it. A bundle that waits for nothing is not held up behind one that
+    waits (a patient's later case would otherwise stall the cases after it). Up to `2 * limit`
+    bundles wait their turn, then `submit` blocks; only the keys of waiting and in-flight
+    bundles are kept (memory stays flat). The first error stops new sends: bundles already sent
+    finish (and are recorded), waiting ones are dropped, then the error is raised, as a
+    sequential push would raise it.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="ruxo-push")
-        self._holder: dict[str, Future[None]] = {}  # Type/id -> the in-flight bundle holding it
-        self._inflight: dict[Future[None], list[str]] = {}
+        self._cv = threading.Condition(threading.RLock())
+        self._holder: dict[str, _Bundle] = {}  # Type/id -> the waiting or in-flight bundle holding it
+        self._waiting: list[_Bundle] = []  # in the order given
+        self._running = 0
+        self._error: BaseException | None = None
 
     def __enter__(self) -> _Flight:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         try:  # never leave threads sending after an error; the first error is the one raised
-            self._wait(0)
+            self.finish()
         except BaseException:
             if exc_type is None:
                 raise
@@ -469,51 +487,81 @@ class _Flight:
 
     def submit(self, resources: list[Resource], send: Callable[[], None]) -> None:
         keys = [f"{r['resourceType']}/{r['id']}" for r in resources]
-        needed = {self._holder[k] for k in _literal_refs(resources) if k in self._holder}
-        if needed:
-            self._settle(wait(needed).done)
-        while len(self._inflight) >= self.limit:
-            self._settle(wait(self._inflight, return_when=FIRST_COMPLETED).done)
-        future = self._pool.submit(send)
-        self._inflight[future] = keys
-        for key in keys:
-            self._holder[key] = future
+        refs = _literal_refs(resources)
+        with self._cv:
+            self._raise_error()
+            bundle = _Bundle(keys, {h for k in refs for h in [self._holder.get(k)] if h is not None}, send)
+            for key in keys:
+                self._holder[key] = bundle
+            self._waiting.append(bundle)
+            self._start()
+            while len(self._waiting) >= 2 * self.limit and self._error is None:
+                self._cv.wait()
+            self._raise_error()
 
     def finish(self) -> None:
         """Wait for every bundle; raise the first error."""
-        self._wait(0)
+        with self._cv:
+            while self._waiting or self._running:
+                self._cv.wait()
+            self._raise_error()
 
     def busy(self) -> bool:
-        return bool(self._inflight)
+        with self._cv:
+            return bool(self._waiting or self._running)
 
     def holds(self, keys: Iterable[str]) -> bool:
-        """Whether a bundle in flight holds one of these resources (`Type/id`)."""
-        return any(k in self._holder for k in keys)
+        """Whether a bundle waiting or in flight holds one of these resources (`Type/id`)."""
+        with self._cv:
+            return any(k in self._holder for k in keys)
 
-    def _wait(self, leave: int) -> None:
-        error: BaseException | None = None
-        while len(self._inflight) > leave:
-            try:
-                self._settle(wait(self._inflight, return_when=FIRST_COMPLETED).done)
-            except BaseException as exc:  # keep draining: every sent bundle gets recorded
-                error = error or exc
-        if error is not None:
-            raise error
+    def _start(self) -> None:
+        """Send waiting bundles whose earlier bundles have landed, in order, up to the limit."""
+        if self._error is not None:
+            return
+        i = 0
+        while self._running < self.limit and i < len(self._waiting):
+            bundle = self._waiting[i]
+            if all(d.landed for d in bundle.deps):
+                del self._waiting[i]
+                bundle.deps = set()
+                self._running += 1
+                self._pool.submit(self._fly, bundle)
+            else:
+                i += 1
 
-    def _settle(self, done: set[Future[None]]) -> None:
+    def _fly(self, bundle: _Bundle) -> None:
         error: BaseException | None = None
-        for future in done:
-            keys = self._inflight.pop(future, None)
-            if keys is None:
-                continue
-            for key in keys:
-                if self._holder.get(key) is future:
+        try:
+            bundle.send()
+        except BaseException as exc:  # handed to the thread that submits or finishes
+            error = exc
+        with self._cv:
+            self._running -= 1
+            bundle.landed = True
+            for key in bundle.keys:
+                if self._holder.get(key) is bundle:
                     del self._holder[key]
-            exc = future.exception()
-            if exc is not None and error is None:
-                error = exc
-        if error is not None:
-            raise error
+            if error is not None and self._error is None:
+                self._error = error
+            if self._error is not None:  # no new sends; waiting bundles are dropped
+                for waiting in self._waiting:
+                    for key in waiting.keys:
+                        if self._holder.get(key) is waiting:
+                            del self._holder[key]
+                self._waiting.clear()
+            else:
+                self._start()
+            self._cv.notify_all()
+
+    def _raise_error(self) -> None:
+        """Raise the error met by a sending thread (once), after the bundles in flight landed."""
+        if self._error is None:
+            return
+        while self._running:
+            self._cv.wait()
+        error, self._error = self._error, None
+        raise error
 
 
 def _literal_refs(resources: list[Resource]) -> set[str]:
