@@ -167,23 +167,33 @@ class PushResult:
     cohort_on_server: int = 0
     prune_refused: str | None = None
     by_type: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    # counts change from the sending threads of `--concurrency` and the deciding thread at once
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, resource_type: str, outcome: str, n: int = 1) -> None:
-        setattr(self, outcome, getattr(self, outcome) + n)
-        self.by_type[resource_type][outcome] += n
+        with self._guard:
+            setattr(self, outcome, getattr(self, outcome) + n)
+            self.by_type[resource_type][outcome] += n
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Add to a plain counter (total, bundles_sent, version_reads)."""
+        with self._guard:
+            setattr(self, name, getattr(self, name) + n)
 
     _COUNTED = ("total", "created", "updated", "unchanged", "conflict", "rejected")
 
     def snapshot(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in self._COUNTED},
-                "errors": list(self.errors), "conflicts": list(self.conflicts), "rejects": list(self.rejects),
-                "by_type": {k: Counter(v) for k, v in self.by_type.items()}}
+        with self._guard:
+            return {**{k: getattr(self, k) for k in self._COUNTED},
+                    "errors": list(self.errors), "conflicts": list(self.conflicts), "rejects": list(self.rejects),
+                    "by_type": {k: Counter(v) for k, v in self.by_type.items()}}
 
     def restore(self, saved: dict[str, Any]) -> None:
-        for k in self._COUNTED:
-            setattr(self, k, saved[k])
-        self.errors, self.conflicts, self.rejects = saved["errors"], saved["conflicts"], saved["rejects"]
-        self.by_type = defaultdict(Counter, saved["by_type"])
+        with self._guard:
+            for k in self._COUNTED:
+                setattr(self, k, saved[k])
+            self.errors, self.conflicts, self.rejects = saved["errors"], saved["conflicts"], saved["rejects"]
+            self.by_type = defaultdict(Counter, saved["by_type"])
 
     @property
     def summary_line(self) -> str:
@@ -439,6 +449,16 @@ class _Ahead:
     found: dict[Identity, list[ServerCopy]]
 
 
+@dataclass
+class _Window:
+    """A window's chunks, hashes and the counts before it (a restart under server ids)."""
+
+    chunks: list[list[Group]]
+    hashes: dict[str, str]
+    saved: dict[str, Any]
+    safe: bool  # decided under client ids, every type already accepted a create under one
+
+
 class _Bundle:
     """A bundle given to `_Flight`: its resources' keys, the earlier bundles it waits for."""
 
@@ -503,6 +523,15 @@ class _Flight:
         """Wait for every bundle; raise the first error."""
         with self._cv:
             while self._waiting or self._running:
+                self._cv.wait()
+            self._raise_error()
+
+    def wait_for(self, keys: Iterable[str]) -> None:
+        """Wait until no bundle waiting or in flight holds one of these resources; raise the
+        first error."""
+        wanted = set(keys)
+        with self._cv:
+            while any(k in self._holder for k in wanted) and self._error is None:
                 self._cv.wait()
             self._raise_error()
 
@@ -619,7 +648,8 @@ class Pusher:
         # threads of `concurrency > 1`; it changes only under this lock.
         self._lock = threading.RLock()
         self._flight: _Flight | None = None
-        self._pending: tuple[list[list[Group]], dict[str, str], dict[str, Any]] = ([], {}, {})
+        self._unlanded: list[_Window] = []  # windows decided whose bundles may not all have landed
+        self._client_ids_ok: set[str] = set()  # types with a create under a client id landed
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, resources: Iterable[Resource]) -> PushResult:
@@ -783,35 +813,57 @@ class Pusher:
 
     def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
         ahead = self._read_ahead(window)  # while the previous window's bundles are in flight
-        self._land()  # the previous window's bundles land before this window's decisions go
-        if self.opt.ids == "auto" and self.ids == "client":
-            self._remembered_server_ids(window)
-        self._preflight({key.split("/", 1)[0] for key in hashes})
-        saved = self.result.snapshot()
-        self._pending = (window, hashes, saved)
+        types = {key.split("/", 1)[0] for key in hashes}
+        switch = self.opt.ids == "auto" and self.ids == "client" and self._remembered_server_ids(window)
+        # The previous window's bundles keep flying while this one is decided and sent when
+        # nothing here depends on them landing: copies read ahead by client id (what those
+        # bundles write cannot change them; references name client ids, no server id is
+        # learned), no change of id strategy, and no window in play can meet a refusal of
+        # client ids (each type has had a create under a client id land in this run). Otherwise
+        # every bundle lands first, as with one window at a time.
+        overlap = ahead is not None and ahead.ids == self.ids == "client" and not switch \
+            and types <= self._client_ids_ok and all(w.safe for w in self._unlanded)
+        self._land(keep=1 if overlap else 0)
+        if switch and self.ids == "client":
+            self._use_server_ids("the server assigned the ids of what this workstation pushed there before "
+                                 "(push ledger)")
+        self._preflight(types)
+        self._unlanded.append(_Window(window, hashes, self.result.snapshot(),
+                                      safe=self.ids == "client" and types <= self._client_ids_ok))
         try:
             self._decide([g for chunk in window for g in chunk], ahead)
             for chunk in window:
                 self._push_chunk(chunk, hashes)
         except _ClientIdsRefused as exc:
-            self._restart(window, hashes, saved, exc)
+            self._restart(exc)
 
-    def _land(self) -> None:
-        """Wait for the bundles in flight (concurrency > 1); a refusal of client ids met there
-        restarts their window under server ids, as when it is met while sending."""
-        if self._flight is None:
-            return
+    def _land(self, keep: int = 0) -> None:
+        """Wait until every window but the last `keep` has landed (concurrency > 1), then forget
+        their decisions; a refusal of client ids met there restarts the windows not landed under
+        server ids, as when it is met while sending."""
         try:
-            self._flight.finish()
+            if self._flight is not None and keep:
+                for w in self._unlanded[:-keep]:
+                    self._flight.wait_for(self._key(r) for chunk in w.chunks for g in chunk for r in g.resources)
+            elif self._flight is not None:
+                self._flight.finish()
         except _ClientIdsRefused as exc:
-            window, hashes, saved = self._pending
-            self._restart(window, hashes, saved, exc)
-            self._flight.finish()
+            self._restart(exc)
+            if self._flight is not None:
+                self._flight.finish()
+            keep = 0
+        landed = self._unlanded[:len(self._unlanded) - keep]
+        del self._unlanded[:len(landed)]
+        for w in landed:  # what the sending threads looked up while these flew
+            for chunk in w.chunks:
+                for g in chunk:
+                    self.group_rejects.pop(id(g), None)
+                    for r in g.resources:
+                        self.decisions.pop(self._key(r), None)
 
-    def _restart(self, window: list[list[Group]], hashes: dict[str, str], saved: dict[str, Any],
-                 exc: _ClientIdsRefused) -> None:
+    def _restart(self, exc: _ClientIdsRefused) -> None:
         """The server refuses client-assigned ids: the window again, decided and written under
-        server ids, its counts as before it (`saved`). Its other bundles land first."""
+        server ids, its counts as before it. Its other bundles land first."""
         if self.opt.ids != "auto" or self.ids == "server":
             raise ServerError(f"the server refuses client-assigned ids ({exc.detail}); "
                               "use --ids server (or auto)") from None
@@ -820,13 +872,21 @@ class Pusher:
                 self._flight.finish()
             except _ClientIdsRefused:
                 pass  # the same refusal, met by another bundle of the window
-        self.result.restore(saved)
+        if len(self._unlanded) != 1:  # windows overlapped: only after client-id creates had landed
+            raise ServerError(f"the server refused a client-assigned id ({exc.detail}) after accepting others "
+                              "in this run; what landed is recorded in the ledger: push again with --ids "
+                              "server") from None
+        w = self._unlanded[0]
+        self.result.restore(w.saved)
         self._use_server_ids(f"the server refused a client-assigned id ({exc.detail})")
         self.checked_types.clear()
-        self._preflight({key.split("/", 1)[0] for key in hashes})
-        self._decide([g for chunk in window for g in chunk])
-        for chunk in window:
-            self._push_chunk(chunk, hashes)
+        self._preflight({key.split("/", 1)[0] for key in w.hashes})
+        for chunk in w.chunks:
+            for g in chunk:
+                self.group_rejects.pop(id(g), None)
+        self._decide([g for chunk in w.chunks for g in chunk])
+        for chunk in w.chunks:
+            self._push_chunk(chunk, w.hashes)
 
     def _read_ahead(self, window: list[list[Group]]) -> _Ahead | None:
         """The server copies of a window, read while the previous window's bundles are in flight
@@ -854,20 +914,16 @@ class Pusher:
         query.by_id({self._key(r): self._identity(r) for r in searchable if not self._by_identifier(r)})
         return query
 
-    def _remembered_server_ids(self, window: list[list[Group]]) -> None:
+    def _remembered_server_ids(self, window: list[list[Group]]) -> bool:
         """`auto` where the statement is silent (HAPI says updateCreate true whatever its id
-        strategy): ids this workstation's ledger holds that the server chose, not ours, mean the
+        strategy): whether ids this workstation's ledger holds that the server chose, not ours, mean the
         resources live under server-assigned ids -- a dry run (which never meets the refusal of a
         PUT-create) plans with them, and a push never writes derived-id duplicates."""
         if self.ledger is None:
-            return
+            return False
         derived = {ident.key: str(r.get("id")) for chunk in window for g in chunk for r in g.resources
                    for ident in [self._identity(r)] if ident.system}
-        assigned = [k for k, w in self.ledger.written(self.server, derived).items()
-                    if w.server_id and w.server_id != derived[k]]
-        if assigned:
-            self._use_server_ids("the server assigned the ids of what this workstation pushed there before "
-                                 "(push ledger)")
+        return any(w.server_id and w.server_id != derived[k] for k, w in self.ledger.written(self.server, derived).items())
 
     def _notice(self, text: str) -> None:
         log.warning(text)
@@ -916,9 +972,6 @@ class Pusher:
                 self.decisions.pop(self._key(r), None)
             for g in groups:
                 self.group_rejects.pop(id(g), None)
-        else:
-            self.decisions.clear()
-            self.group_rejects.clear()
         self._resolve_links(groups)
         idents = {self._key(r): self._identity(r) for r in resources}
         if self.opt.prune or self.opt.check_retractions:
@@ -1037,7 +1090,7 @@ class Pusher:
 
     # -- one chunk -----------------------------------------------------------------------
     def _push_chunk(self, chunk: list[Group], hashes: dict[str, str]) -> None:
-        self.result.total += sum(len(g.resources) for g in chunk)
+        self.result.add("total", sum(len(g.resources) for g in chunk))
         chunk = [g for g in map(self._valid_group, chunk) if g is not None]
         todo = self._to_send(chunk, hashes, first=True)
         if todo:
@@ -1055,7 +1108,7 @@ class Pusher:
         that was to be created or updated is that write, counted as its reply would have said."""
         todo: list[Group] = []
         for g in groups:
-            reason = self.group_rejects.get(id(g))
+            reason = self.group_rejects.pop(id(g), None)
             if reason:
                 self._reject_group(g, [reason], None)
                 continue
@@ -1197,7 +1250,7 @@ class Pusher:
         bundle = make_bundle([self._entry(r, urns) for r in resources], "transaction")
         idempotent = self._idempotent(resources)
         try:
-            self.result.bundles_sent += 1
+            self.result.add("bundles_sent")
             response = self.client.post_bundle(bundle, idempotent=idempotent)
         except TemporaryServerError:
             if idempotent or redo >= 3:
@@ -1296,7 +1349,7 @@ class Pusher:
             bundle = make_bundle([self._entry(r, None) for r in part], "batch")
             idempotent = self._idempotent(part)
             try:
-                self.result.bundles_sent += 1
+                self.result.add("bundles_sent")
                 response = self.client.post_bundle(bundle, idempotent=idempotent)
             except TemporaryServerError:
                 if idempotent or last:
@@ -1367,6 +1420,8 @@ class Pusher:
             d = self.decisions[key]
             kind = res["resourceType"]
             outcome = "created" if d.action == "create" else reply.outcome
+            if d.action == "create" and self.ids == "client":
+                self._client_ids_ok.add(kind)
             self.result.count(kind, "updated" if outcome == "unchanged" else outcome)
             sid = (reply.server_id if reply.resource_type in (None, kind) else None) \
                 or (res["id"] if self.ids == "client" else d.server_id)
@@ -1390,7 +1445,7 @@ class Pusher:
         """The versions of just-written resources whose replies named none: ONE batched read.
         A copy is recorded only when its content is what we sent, so a write by someone else
         between our write and this read is never taken for ours."""
-        self.result.version_reads += 1
+        self.result.add("version_reads")
         rows = []
         wanted = {server_key: self.decisions[key].ident for server_key, (_, key) in unknown.items()
                   if self._can_search(server_key.split("/", 1)[0])}
