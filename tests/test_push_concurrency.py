@@ -1,5 +1,5 @@
-"""push --concurrency N against the real test FHIR engine: the same end state, counts, notices
-and ledger as N = 1, under every fault switch of the test front.
+"""push --concurrency N against both real engines (Medplum's router and HAPI FHIR JPA behind the
+fault front): the same end state, counts, notices and ledger as N = 1, under every fault switch.
 
 Each case: push a generated cohort with 4 bundles in flight (faults on), rerun until done as a
 user would, then check the server holds exactly our resources, the counts add up, the notices
@@ -14,9 +14,14 @@ from typing import Any
 
 import pytest
 from cohort_gen import generate_cases
+from engines import both_engines_fixture
 from fhirserver import TestFhirServer
+from hapiserver import TestHapiServer
 
 pytestmark = pytest.mark.e2e
+
+fhir_server = both_engines_fixture()  # Medplum and HAPI FHIR JPA
+Server = TestFhirServer | TestHapiServer
 
 ALL_FAULTS = {"429": 7, "503": 11, "drop_before": 13, "drop_after": 17}
 N_CASES = 300
@@ -42,7 +47,15 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return list(source_resources(src, load_mapping()))
 
 
-def _push(server: TestFhirServer, resources: list[dict[str, Any]], ledger_path: Path, *, concurrency: int,
+def _configure(server: Server, **switches: Any) -> None:
+    """HAPI JPA refuses a reference to a resource it does not hold by itself (its default
+    `enforce_referential_integrity_on_write`); the Medplum front needs the switch."""
+    if isinstance(server, TestHapiServer):
+        switches.pop("referential_integrity", None)
+    server.configure(**switches)
+
+
+def _push(server: Server, resources: list[dict[str, Any]], ledger_path: Path, *, concurrency: int,
           mode: str | None = None, batch_size: int = 40, runs: int = 4,
           max_attempts: int = 6) -> tuple[Any, int]:
     """The library push with short sleeps; a run that runs out of retries is rerun."""
@@ -66,7 +79,7 @@ def _push(server: TestFhirServer, resources: list[dict[str, Any]], ledger_path: 
     raise AssertionError("unreachable")
 
 
-def _server_keys(server: TestFhirServer) -> set[str]:
+def _server_keys(server: Server) -> set[str]:
     import requests
 
     out: set[str] = set()
@@ -93,10 +106,10 @@ def _keys(resources: list[dict[str, Any]]) -> set[str]:
     pytest.param({"faults": {"429": 5}, "retry_after": 1}, None, False, False, id="retry-after"),
 ])
 def test_concurrent_push_same_end_state_as_sequential(
-    fhir_server: TestFhirServer, cohort: list[dict[str, Any]], tmp_path: Path,
+    fhir_server: Server, cohort: list[dict[str, Any]], tmp_path: Path,
     config: dict[str, Any], mode: str | None, switches: bool, shrinks: bool,
 ) -> None:
-    fhir_server.configure(**config)
+    _configure(fhir_server, **config)
     result, runs = _push(fhir_server, cohort, tmp_path / "ledger.sqlite3", concurrency=4, mode=mode)
     stats = fhir_server.stats()
     for fault, every in config.get("faults", {}).items():
@@ -116,7 +129,7 @@ def test_concurrent_push_same_end_state_as_sequential(
 
 
 def test_concurrency_keeps_reference_order_and_counts_of_one(
-    fhir_server: TestFhirServer, cohort: list[dict[str, Any]], tmp_path: Path
+    fhir_server: Server, cohort: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     """With referential integrity on, a case bundle sent before the bundle carrying its Patient
     landed would be refused; 8 in flight, with every 3rd write refused (503) so that bundles
@@ -126,13 +139,13 @@ def test_concurrency_keeps_reference_order_and_counts_of_one(
     One request meets a 503 with odds near 1/3 per attempt, so with ~200 requests six attempts
     run out now and then (a rerun, as a user would do); 30 attempts make that (1/3)^30-rare, so
     `runs == 1` tests ordering, not luck."""
-    fhir_server.configure(referential_integrity=True, faults={"503": 3}, retry_after=0)
+    _configure(fhir_server, referential_integrity=True, faults={"503": 3}, retry_after=0)
     result, runs = _push(fhir_server, cohort, tmp_path / "l8.sqlite3", concurrency=8, batch_size=10,
                          max_attempts=30)
     assert runs == 1 and result.rejected == 0, result.errors[:3]
     assert fhir_server.stats()["faults_injected"]["503"] > 0
     fhir_server.reset()
-    fhir_server.configure(referential_integrity=True)
+    _configure(fhir_server, referential_integrity=True)
     sequential, _ = _push(fhir_server, cohort, tmp_path / "l1.sqlite3", concurrency=1, batch_size=10)
     assert {k: dict(v) for k, v in result.by_type.items()} == {k: dict(v) for k, v in sequential.by_type.items()}
     assert result.bundles_sent == sequential.bundles_sent
@@ -161,7 +174,7 @@ def test_a_server_pause_slows_every_thread_once() -> None:
 
 
 def test_cli_push_csv_streams_with_concurrency_and_names_bad_rows(
-    fhir_server: TestFhirServer, tmp_path: Path
+    fhir_server: Server, tmp_path: Path
 ) -> None:
     """`push CASES.csv --concurrency 4`: a bad row is named (file, row, why) and not pushed, the
     rest lands, exit 1; a rerun writes nothing."""
