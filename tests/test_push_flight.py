@@ -128,3 +128,27 @@ def test_an_error_surfaces_at_the_next_submit() -> None:
         for i in range(50):  # one of these meets the error (the first send has failed by then)
             flight.submit([_case(f"c{i}", f"q{i}")], sends.send(f"S{i}"))
     assert "end A" in sends.log
+
+
+def test_a_resource_given_twice_is_written_in_the_order_given() -> None:
+    sends = Sends()
+    with _Flight(4) as flight:
+        flight.submit([_patient("p1")], sends.send("A", hold=True))
+        flight.submit([_patient("p1")], sends.send("B"))  # the same resource again: after A, never before
+        flight.submit([_case("c9", "p9")], sends.send("C"))
+        assert sends.started["C"].wait(WAIT)
+        assert not sends.started["B"].is_set()
+        sends.gates["A"].set()
+        flight.finish()
+    assert sends.log.index("end A") < sends.log.index("start B")
+
+
+def test_an_error_in_the_deciding_thread_sends_nothing_new_and_lets_sent_bundles_land() -> None:
+    sends = Sends()
+    with pytest.raises(KeyboardInterrupt), _Flight(2) as flight:
+        flight.submit([_patient("p1")], sends.send("A", hold=True))
+        flight.submit([_case("c1", "p1")], sends.send("B"))  # waits for A
+        assert sends.started["A"].wait(WAIT)
+        threading.Timer(0.2, sends.gates["A"].set).start()
+        raise KeyboardInterrupt
+    assert "end A" in sends.log and "start B" not in sends.log

@@ -497,6 +497,9 @@ class _Flight:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # an error (or Ctrl-C) in the deciding thread: nothing new is sent
+            with self._cv:
+                self._drop_waiting()
         try:  # never leave threads sending after an error; the first error is the one raised
             self.finish()
         except BaseException:
@@ -510,7 +513,10 @@ class _Flight:
         refs = _literal_refs(resources)
         with self._cv:
             self._raise_error()
-            bundle = _Bundle(keys, {h for k in refs for h in [self._holder.get(k)] if h is not None}, send)
+            # after the bundles holding what it references, and any holding the same resources
+            # (a resource given twice is written in the order given)
+            bundle = _Bundle(keys, {h for k in (*refs, *keys) for h in [self._holder.get(k)] if h is not None},
+                             send)
             for key in keys:
                 self._holder[key] = bundle
             self._waiting.append(bundle)
@@ -554,8 +560,8 @@ class _Flight:
             if all(d.landed for d in bundle.deps):
                 del self._waiting[i]
                 bundle.deps = set()
+                self._pool.submit(self._fly, bundle)  # _fly waits for this lock to count it landed
                 self._running += 1
-                self._pool.submit(self._fly, bundle)
             else:
                 i += 1
 
@@ -574,14 +580,18 @@ class _Flight:
             if error is not None and self._error is None:
                 self._error = error
             if self._error is not None:  # no new sends; waiting bundles are dropped
-                for waiting in self._waiting:
-                    for key in waiting.keys:
-                        if self._holder.get(key) is waiting:
-                            del self._holder[key]
-                self._waiting.clear()
+                self._drop_waiting()
             else:
                 self._start()
             self._cv.notify_all()
+
+    def _drop_waiting(self) -> None:
+        for waiting in self._waiting:
+            for key in waiting.keys:
+                if self._holder.get(key) is waiting:
+                    del self._holder[key]
+        self._waiting.clear()
+        self._cv.notify_all()
 
     def _raise_error(self) -> None:
         """Raise the error met by a sending thread (once), after the bundles in flight landed."""
@@ -1152,7 +1162,13 @@ class Pusher:
                     self._reject(res, group.case_id, [f"not sent, FHIR {ver} validation error: {p.location}  "
                                                       f"{p.rule}  {p.message}" for p in found], None)
             kept = [r for r in group.resources if not problems[self._key(r)]]
-            return Group(group.case_id, kept) if kept else None
+            if not kept:
+                return None
+            rest = Group(group.case_id, kept)
+            reason = self.group_rejects.pop(id(group), None)
+            if reason:  # a case rejected by its decisions stays rejected with fewer resources
+                self.group_rejects[id(rest)] = reason
+            return rest
         where = self._where(group.case_id)
         for res in group.resources:
             self.result.count(res["resourceType"], "rejected")
