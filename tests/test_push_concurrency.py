@@ -148,7 +148,8 @@ def test_concurrency_keeps_reference_order_and_counts_of_one(
     _configure(fhir_server, referential_integrity=True)
     sequential, _ = _push(fhir_server, cohort, tmp_path / "l1.sqlite3", concurrency=1, batch_size=10)
     assert {k: dict(v) for k, v in result.by_type.items()} == {k: dict(v) for k, v in sequential.by_type.items()}
-    assert result.bundles_sent == sequential.bundles_sent
+    # a patient's cases share a bundle when sent concurrently: no more bundles than in order
+    assert 0 < result.bundles_sent <= sequential.bundles_sent
     assert _server_keys(fhir_server) == _keys(cohort)
 
 

@@ -263,6 +263,94 @@ def chunk_groups(groups: Iterable[Group], size: int) -> Iterator[list[Group]]:
         yield chunk
 
 
+def windows(groups: Iterable[Group], size: int, window: int, *, together: bool = False) -> Iterator[list[list[Group]]]:
+    """Windows of chunks: each window holds chunks of whole groups (at most `size` entries each)
+    until it holds `window` distinct resources; a window's server copies are read together.
+
+    `together` (bundles sent concurrently): within a window, groups that reference one another
+    (a patient's later cases reference the Patient written with the first) share a chunk where
+    they fit. Sent at once, the window's bundles then do not wait for
+    each other, only for earlier windows'; the order within such a cluster is kept. Without it
+    the chunks are the groups in the order given, as a sequential push sends them."""
+    if not together:
+        chunks: list[list[Group]] = []
+        keys: set[str] = set()
+        for chunk in chunk_groups(groups, size):
+            chunks.append(chunk)
+            keys.update(_key_of(r) for g in chunk for r in g.resources)
+            if len(keys) >= window:
+                yield chunks
+                chunks, keys = [], set()
+        if chunks:
+            yield chunks
+        return
+    held: list[Group] = []
+    keys = set()
+    for group in groups:
+        held.append(group)
+        keys.update(_key_of(r) for r in group.resources)
+        if len(keys) >= window:
+            chunks = _pack(held, size)
+            # a last chunk not full waits for the next window's groups (as many bundles as in order)
+            held = chunks.pop() if len(chunks) > 1 and sum(len(g.resources) for g in chunks[-1]) < size else []
+            keys = {_key_of(r) for g in held for r in g.resources}
+            yield chunks
+    if held:
+        yield _pack(held, size)
+
+
+def _key_of(res: Resource) -> str:
+    return f"{res['resourceType']}/{res.get('id')}"
+
+
+def _pack(groups: list[Group], size: int) -> list[list[Group]]:
+    """Chunks of at most `size` entries in which groups that reference one another stay together
+    (first fit, cluster by cluster, never two holders of one resource in a chunk; a cluster larger
+    than a chunk is chunked in order)."""
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    holder: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        for r in g.resources:
+            holder.setdefault(_key_of(r), i)
+    for i, g in enumerate(groups):
+        for ref in _literal_refs(g.resources):
+            j = holder.get(ref)
+            if j is not None:
+                parent[root(i)] = root(j)
+    clusters: dict[int, list[Group]] = {}
+    for i, g in enumerate(groups):  # dicts keep the order of first members
+        clusters.setdefault(root(i), []).append(g)
+    chunks: list[list[Group]] = []
+    room: list[int] = []
+    held: list[set[str]] = []
+    for members in clusters.values():
+        keys = [_key_of(r) for g in members for r in g.resources]
+        if len(keys) > size or len(set(keys)) < len(keys):  # in order, as a sequential push
+            for chunk in chunk_groups(members, size):
+                chunks.append(chunk)
+                room.append(size - sum(len(g.resources) for g in chunk))
+                held.append({_key_of(r) for g in chunk for r in g.resources})
+            continue
+        for at, free in enumerate(room):
+            if free >= len(keys) and held[at].isdisjoint(keys):
+                chunks[at].extend(members)
+                room[at] -= len(keys)
+                held[at].update(keys)
+                break
+        else:
+            chunks.append(list(members))
+            room.append(size - len(keys))
+            held.append(set(keys))
+    return chunks
+
+
 def reference_levels(resources: list[Resource]) -> list[list[Resource]]:
     """Split resources into levels so each only references earlier levels (batch mode)."""
     keys = {f"{r['resourceType']}/{r['id']}": r for r in resources}
@@ -712,16 +800,11 @@ class Pusher:
     def _push_all(self, resources: Iterable[Resource]) -> None:
         # Server copies are read for a window of several chunks at once (fewer, fuller
         # searches); memory stays bounded by the window.
-        window: list[list[Group]] = []
-        hashes: dict[str, str] = {}
-        chunks = chunk_groups(group_resources(resources, self.mapping), self.result.batch_size)
-        for chunk, chunk_hashes in prefetch(self._hashed(chunks), depth=2):
-            window.append(chunk)
-            hashes.update(chunk_hashes)
-            if len(hashes) >= LEDGER_WINDOW:
-                self._push_window(window, hashes)
-                window, hashes = [], {}
-        if window:
+        # Bundles sent concurrently keep a patient's cases together (they would wait for each other).
+        groups = group_resources(resources, self.mapping)
+        together = self.opt.concurrency > 1 and self.opt.mode == "transaction"
+        for window, hashes in prefetch(self._hashed(windows(groups, self.result.batch_size, LEDGER_WINDOW,
+                                                            together=together)), depth=2):
             self._push_window(window, hashes)
 
     def _retractions(self) -> None:
@@ -811,15 +894,16 @@ class Pusher:
         self.result.ids = "server"
         self._notice(f"using server-assigned ids (--ids server): {why}; resources are written by identifier")
 
-    def _hashed(self, chunks: Iterable[list[Group]]) -> Iterator[tuple[list[Group], dict[str, str]]]:
+    def _hashed(self, windows: Iterable[list[list[Group]]]) -> Iterator[tuple[list[list[Group]], dict[str, str]]]:
         """Content hashes are computed in the prefetch thread, off the sending path; so is the
         data's FHIR version check (before the window holding a resource is written)."""
         check = self.version_guard.check
-        for chunk in chunks:
-            for g in chunk:
-                for r in g.resources:
-                    check(r)
-            yield chunk, {self._key(r): content_hash(r) for g in chunk for r in g.resources}
+        for window in windows:
+            for chunk in window:
+                for g in chunk:
+                    for r in g.resources:
+                        check(r)
+            yield window, {self._key(r): content_hash(r) for chunk in window for g in chunk for r in g.resources}
 
     def _push_window(self, window: list[list[Group]], hashes: dict[str, str]) -> None:
         ahead = self._read_ahead(window)  # while the previous window's bundles are in flight
@@ -865,9 +949,15 @@ class Pusher:
         landed = self._unlanded[:len(self._unlanded) - keep]
         del self._unlanded[:len(landed)]
         for w in landed:  # what the sending threads looked up while these flew
-            for chunk in w.chunks:
-                for g in chunk:
-                    self.group_rejects.pop(id(g), None)
+            self._forget(w, decisions=True)
+
+    def _forget(self, w: _Window, *, decisions: bool) -> None:
+        """Drop a window's group rejects (and decisions): they are looked up by the sending
+        threads until its bundles land, and decided anew on a restart."""
+        for chunk in w.chunks:
+            for g in chunk:
+                self.group_rejects.pop(id(g), None)
+                if decisions:
                     for r in g.resources:
                         self.decisions.pop(self._key(r), None)
 
@@ -877,11 +967,8 @@ class Pusher:
         if self.opt.ids != "auto" or self.ids == "server":
             raise ServerError(f"the server refuses client-assigned ids ({exc.detail}); "
                               "use --ids server (or auto)") from None
-        if self._flight is not None:
-            try:
-                self._flight.finish()
-            except _ClientIdsRefused:
-                pass  # the same refusal, met by another bundle of the window
+        if self._flight is not None:  # raises nothing more: the flight raised its error once
+            self._flight.finish()
         if len(self._unlanded) != 1:  # windows overlapped: only after client-id creates had landed
             raise ServerError(f"the server refused a client-assigned id ({exc.detail}) after accepting others "
                               "in this run; what landed is recorded in the ledger: push again with --ids "
@@ -891,9 +978,7 @@ class Pusher:
         self._use_server_ids(f"the server refused a client-assigned id ({exc.detail})")
         self.checked_types.clear()
         self._preflight({key.split("/", 1)[0] for key in w.hashes})
-        for chunk in w.chunks:
-            for g in chunk:
-                self.group_rejects.pop(id(g), None)
+        self._forget(w, decisions=False)
         self._decide([g for chunk in w.chunks for g in chunk])
         for chunk in w.chunks:
             self._push_chunk(chunk, w.hashes)
