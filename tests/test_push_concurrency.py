@@ -205,3 +205,53 @@ def test_cli_push_csv_streams_with_concurrency_and_names_bad_rows(
     writes = fhir_server.stats()["writes"]
     again = run_cli(Run, *args, state=state)
     assert again.exit_code == 1 and fhir_server.stats()["writes"] == writes, again
+
+
+def test_a_server_that_starts_refusing_client_ids_mid_push_loses_nothing(fhir_server: Server, tmp_path: Path) -> None:
+    """The server accepts client-assigned ids, then, with bundles in flight, starts refusing them
+    (its own policy switch, a policy change mid-run). Push either restarts the window under
+    server ids, or, when windows overlapped, stops with one line naming `--ids server`; either
+    way a rerun completes and the server holds every resource once (no derived-id duplicates,
+    nothing lost). 80 cases: identifier searches on the Medplum front grow with its size."""
+    from collections import Counter
+
+    from ruxo_fhir.errors import ServerError
+    from ruxo_fhir.importer import source_resources
+    from ruxo_fhir.mapping.spec import load_mapping
+
+    src = tmp_path / "cases.csv"
+    src.write_text(generate_cases(80, seed=3), encoding="utf-8")
+    cohort = list(source_resources(src, load_mapping()))
+    from ruxo_fhir.sync.ledger import Ledger
+    from ruxo_fhir.sync.push import PushOptions, push
+    from ruxo_fhir.transport.rest import FhirClient
+
+    lock = threading.Lock()
+    seen = [0]
+    flipped = threading.Event()
+
+    def progress(n: int) -> None:
+        with lock:
+            seen[0] += n
+            flip = seen[0] >= len(cohort) // 3 and not flipped.is_set()
+            if flip:
+                flipped.set()
+                fhir_server.configure(no_client_ids=True)  # before any other bundle is recorded
+
+    stopped: str | None = None
+    with FhirClient(fhir_server.base_url) as client, Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        try:
+            first = push(client, cohort, load_mapping(), PushOptions(batch_size=20, concurrency=4),
+                         ledger=ledger, on_progress=progress)
+        except ServerError as exc:
+            stopped = str(exc)
+    assert flipped.is_set()
+    if stopped is not None:
+        assert "--ids server" in stopped and "\n" not in stopped, stopped
+    else:
+        assert first.ids == "server" and first.rejected == 0, first.errors[:3]
+    with FhirClient(fhir_server.base_url) as client, Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        again = push(client, cohort, load_mapping(), PushOptions(batch_size=20, concurrency=4, ids="server"),
+                     ledger=ledger)
+    assert again.rejected == 0 and not again.conflicts, again.errors[:3]
+    assert fhir_server.counts() == dict(Counter(r["resourceType"] for r in cohort))
