@@ -269,9 +269,9 @@ def windows(groups: Iterable[Group], size: int, window: int, *, together: bool =
 
     `together` (bundles sent concurrently): within a window, groups that reference one another
     (a patient's later cases reference the Patient written with the first) share a chunk where
-    they fit. Sent at once, the window's bundles then do not wait for
-    each other, only for earlier windows'; the order within such a cluster is kept. Without it
-    the chunks are the groups in the order given, as a sequential push sends them."""
+    they fit, in the order given. Sent at once, the window's bundles then wait only for earlier
+    windows', not for each other. Without it the chunks are the groups in the order given, as a
+    sequential push sends them."""
     if not together:
         chunks: list[list[Group]] = []
         keys: set[str] = set()
