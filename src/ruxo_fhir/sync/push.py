@@ -300,7 +300,8 @@ def windows(groups: Iterable[Group], size: int, window: int, *, together: bool =
 
 
 def _key_of(res: Resource) -> str:
-    return f"{res['resourceType']}/{res.get('id')}"
+    """`Type/id`: how push, its windows and its flight name a resource."""
+    return f"{res['resourceType']}/{res['id']}"
 
 
 def _pack(groups: list[Group], size: int) -> list[list[Group]]:
@@ -597,7 +598,7 @@ class _Flight:
             self._pool.shutdown(wait=True)
 
     def submit(self, resources: list[Resource], send: Callable[[], None]) -> None:
-        keys = [f"{r['resourceType']}/{r['id']}" for r in resources]
+        keys = [_key_of(r) for r in resources]
         refs = _literal_refs(resources)
         with self._cv:
             self._raise_error()
@@ -1281,7 +1282,7 @@ class Pusher:
         self.on_progress(1)
 
     def _key(self, res: Resource) -> str:
-        return f"{res['resourceType']}/{res['id']}"
+        return _key_of(res)
 
     # -- entries -------------------------------------------------------------------------
     def _entry(self, res: Resource, urns: dict[str, str] | None) -> dict[str, Any]:
