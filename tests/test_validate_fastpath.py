@@ -23,7 +23,7 @@ from ruxo_fhir.fastvalidate import MISMATCH, NODE_MEMO, OK, UNSURE
 from ruxo_fhir.fhir_version import VERSIONS
 from ruxo_fhir.importer import case_resources
 from ruxo_fhir.mapping.spec import load_mapping
-from ruxo_fhir.records import CaseReader
+from ruxo_fhir.records import CaseReader, Reject
 from ruxo_fhir.validate import Validator
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cases.csv"
@@ -463,3 +463,78 @@ def test_a_remembered_coding_needs_the_exact_json_types() -> None:
     changed = _set(cond, ("code", "coding", 0, "code"), Text(cond["code"]["coding"][0]["code"]))
     assert v.fast.check(changed) == MISMATCH
     assert v.validate(copy.deepcopy(changed)) == full("R4").validate(copy.deepcopy(changed))
+
+
+# --- frozen objects: constants shared by resources, checked once per node of a shape ---------
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_frozen_object_is_checked_in_full_once_per_node_then_skipped(version: str) -> None:
+    frozen: dict[int, Any] = {}
+    v = Validator(version, frozen=frozen)  # type: ignore[arg-type]
+    assert v.fast is not None
+    statement = first(version, "MedicationStatement", "dosage")
+    dosage = copy.deepcopy(statement["dosage"])
+    frozen[id(dosage)] = dosage
+
+    def holding(value: Any) -> Resource:
+        res = copy.deepcopy(statement)
+        res["dosage"] = value  # the same key, the same place
+        return res
+
+    assert v.validate(holding(dosage)) == []  # the model; the shape is compiled with a guard on dosage
+    assert v.fast.check(holding(dosage)) == OK  # a whole check passed: the dosage is remembered there
+    # Editing a frozen object breaks the contract, and shows the skip: the edit is not seen...
+    dosage[0]["timing"]["repeat"]["frequency"] = 0
+    assert v.fast.check(holding(dosage)) == OK
+    # ...while an equal object that is not frozen, or a frozen one never proven there, is checked
+    assert v.fast.check(holding(copy.deepcopy(dosage))) == UNSURE
+    other = copy.deepcopy(dosage)
+    frozen[id(other)] = other
+    for _ in range(2):  # a failed check never remembers it
+        assert v.fast.check(holding(other)) == UNSURE
+        assert v.validate(holding(other)) == full(version).validate(holding(other)) != []
+
+
+FROZEN_CHANGES = [change for change in CONCEPT_CHANGES if change[0][0] != "bodySite"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path,new,node_ok", FROZEN_CHANGES,
+                         ids=[f"{'.'.join(map(str, p))}-{n!r}" for p, n, _ in FROZEN_CHANGES])
+def test_a_changed_frozen_object_gets_the_model_verdict_every_time(version: str, path: tuple[Any, ...], new: Any,
+                                                                 node_ok: bool) -> None:
+    """A frozen object is skipped only at a node where a whole check with it passed; one that
+    fails a test of its node, or whose test also reads the root (con-5: its strict form), goes
+    to the model every time."""
+    frozen: dict[int, Any] = {}
+    v = Validator(version, frozen=frozen)  # type: ignore[arg-type]
+    assert v.fast is not None
+    cond = first(version, "Condition", "onsetDateTime")
+    top = path[0]
+    good = copy.deepcopy(cond[top])
+    frozen[id(good)] = good
+    assert v.validate({**copy.deepcopy(cond), top: good}) == []  # compiled with a guard at `top`
+    changed = _set(cond, path, new)
+    node = changed[top]
+    frozen[id(node)] = node
+    want = full(version).check(copy.deepcopy(changed))
+    for _ in range(3):  # from the second time on, a wrongly remembered object would be skipped
+        assert v.fast.check({**copy.deepcopy(changed), top: node}) == (UNSURE if want else OK)
+        assert v.check({**copy.deepcopy(changed), top: node}) == want
+    assert v.fast.check({**copy.deepcopy(cond), top: good}) == OK
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_import_shares_its_constants_with_the_validator_and_gets_the_same_verdicts(version: str) -> None:
+    from ruxo_fhir.importer import _CaseBuilder
+
+    mapping = load_mapping(None)
+    builder = _CaseBuilder(mapping, version, share_constants=True)  # type: ignore[arg-type]
+    assert builder.validator.fast is not None and builder.mapper.constants
+    assert builder.validator.fast.frozen is builder.mapper.constants
+    for _ in range(2):  # the second pass skips the constants already proven
+        for item in CaseReader(EXAMPLE, mapping):
+            assert not isinstance(item, Reject)
+            resources, problem = builder.build(item.record, item.new_patient)
+            assert problem is None
+            assert [full(version).validate(copy.deepcopy(r)) for r in resources] == [[]] * len(resources)

@@ -23,6 +23,11 @@ resource is invalid; it only proves some resources valid, and everything else go
    provers, else fhirpathpy memoised on the values read) are checked per resource, and a failure
    there answers "not sure", so the slow path words the finding.
 
+5. Objects a caller shares between resources and never edits (`FastPath(frozen=...)`: the
+   import's constant concepts and dosages) are checked once per node of a shape: a node that
+   held one when the shape was compiled gets a guard, and once a whole check with an object
+   there passed, that object skips the node's structure and the tests reading only its leaves.
+
 The verdict is therefore the model's verdict, only cheaper; the problems reported for an
 invalid resource always come from the model. The primitive type of each element is read from
 the model classes' field annotations (cached per class), not from a hand-written table. Element
@@ -38,7 +43,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +62,11 @@ MAX_SHAPES_PER_KEY = 64
 MAX_SHAPES = 4096
 MAX_NODES = 2000  # larger resources (say a big Bundle) are left to the model
 MEMO_LIMIT = 50_000  # per primitive type: values already proven valid
+MAX_FROZEN = 256  # per node of a shape: frozen objects proven there (see FastPath)
 NODE_MEMO = "(nodes)"  # the key in FastPath.memos of the memo of Coding / CodeableConcept nodes
 _MEMO_KINDS = frozenset({"Coding", "CodeableConcept"})
 # builtins the generated checks use, bound as default arguments: a local read is cheaper
-_LOCALS = "type=type, len=len, str=str, int=int, float=float, bool=bool, dict=dict, list=list"
+_LOCALS = "type=type, len=len, id=id, str=str, int=int, float=float, bool=bool, dict=dict, list=list"
 
 
 # --- primitive leaf checks: True only when the model surely accepts the value -------------
@@ -298,17 +304,23 @@ class _Unsupported(Exception):
 class _Compiler:
     """Writes the Python source of one shape check (straight-line code, no recursion)."""
 
-    def __init__(self, index: ModelIndex, memos: dict[str, set[Any]]) -> None:
+    def __init__(self, index: ModelIndex, memos: dict[str, set[Any]],
+                 frozen: Mapping[int, Any] | None = None) -> None:
         self.index = index
         self.memos = memos
+        self.frozen = frozen or {}
+        # nodes of the resource being compiled that hold a frozen object: (variable, first and
+        # end index in `lines` of the structure lines below the node)
+        self.frozen_nodes: list[tuple[str, int, int]] = []
         self.vars: dict[tuple[Any, ...], str] = {(): "r"}  # JSON path -> variable holding it
         self.lines: list[str] = []
         self.env: dict[str, Any] = {"_slow": _slow, **_ENV}
         self.counter = 0
         self.nodes = 0
         # value tests (`return 2`), each with the path of the node it reads (None: reads more,
-        # say an invariant given the root); emitted after the structure, see `value_tests`
-        self.tests: list[tuple[tuple[Any, ...] | None, str]] = []
+        # say an invariant given the root) and a stricter test on leaves alone (or None);
+        # emitted after the structure, see `value_tests`
+        self.tests: list[tuple[tuple[Any, ...] | None, str, str | None]] = []
         self.concepts: list[tuple[Any, ...]] = []  # paths of Coding / CodeableConcept nodes
         self.leaves: list[tuple[tuple[Any, ...], str, Primitive]] = []  # (path, variable, kind)
         self.node_tags: list[object] = []  # the tags of this shape's nodes in the node memo
@@ -325,10 +337,13 @@ class _Compiler:
     def emit(self, line: str, depth: int = 2) -> None:
         self.lines.append("    " * depth + line)
 
-    def test(self, condition: str, path: tuple[Any, ...] | None) -> None:
+    def test(self, condition: str, path: tuple[Any, ...] | None, *, strict: str | None = None) -> None:
         """A value test: the resource is not proven valid (`return 2`) when `condition` holds.
-        `path`: the node whose leaves alone decide the test (None: it reads more)."""
-        self.tests.append((path, condition))
+        `path`: the node whose leaves alone decide the test (None: it reads more). `strict`, for
+        a test that reads more: a condition on the same leaves alone that holds whenever
+        `condition` does (it may hold more often: then the model decides); used where the
+        leaves belong to a frozen node (see `frozen_guards`)."""
+        self.tests.append((path, condition, condition if path is not None else strict))
 
     def compile(self, cls: type, resource: Resource, rules: RuleChecks | None = None,
                 trace: Trace | None = None) -> ShapeCheck:
@@ -343,18 +358,69 @@ class _Compiler:
         # Structure first (reads, JSON types, key counts, list lengths: `return 1`), values after
         # (`return 2`, which only read variables): a resource of another shape of the same keys
         # is turned away before any value is tested.
-        lines = self.lines + self.value_tests()
+        lines, learn = self.frozen_guards(self.value_tests())
         source = (f"def check(r, {_LOCALS}):\n    try:\n" + "\n".join(lines)
-                  + "\n    except KeyError:\n        return 1\n    return 0\n")
+                  + "\n    except KeyError:\n        return 1\n" + "".join(learn) + "    return 0\n")
         exec(compile(source, f"<fhir shape {resource.get('resourceType')}>", "exec"), self.env)
         check: ShapeCheck = self.env["check"]
         check.__doc__ = source  # for debugging: the generated code
         check.node_tags = self.node_tags  # type: ignore[attr-defined]  # for tests
         return check
 
-    def value_tests(self) -> list[str]:
-        """The value tests as lines. The tests that read only a Coding or CodeableConcept (its
-        leaf tests, bindings, terminology) run once per distinct tuple of its leaf values: a
+    def frozen_guards(self, blocks: list[tuple[list[str], list[str] | None]]) -> tuple[list[str], list[str]]:
+        """All lines (structure, then value tests), with the parts about a node that held a
+        frozen object (see `FastPath`) under a guard; and the lines that, once the resource is
+        proven valid, remember the frozen objects its guarded parts checked.
+
+        Per such node, the guard skips its structure lines and the tests that read only its
+        leaves when the node holds an object that a whole check has already passed there: the
+        object is never edited, so those lines would answer as they did then. A test that
+        reads the node's leaves together with other variables makes the node unguarded; one
+        that reads more than leaves (an invariant given the root) is replaced by its `strict`
+        form there, or makes it unguarded when it has none."""
+        flat = self.lines + [line for block, _ in blocks for line in block]
+        if not self.frozen_nodes:
+            return flat, []
+        refs = [set(_VAR_REF.findall("\n".join(block))) for block, _ in blocks]
+        chosen: list[tuple[str, str, int, int, set[str]]] = []
+        taken: set[str] = set()
+        for var, start, end in sorted(self.frozen_nodes, key=lambda n: n[1]):  # outer nodes first
+            if var in taken:
+                continue  # inside a node already guarded
+            inner = {var, *(m.group(1) for line in self.lines[start:end] if (m := _VAR_SET.match(line)))}
+            if all(strict is not None and ref <= inner for (_, strict), ref in zip(blocks, refs) if ref & inner):
+                chosen.append((var, "g" + var[1:], start, end, inner))
+                taken |= inner
+        if not chosen:
+            return flat, []
+        lines = list(self.lines)
+        learn: list[str] = []
+        for var, flag, start, end, _ in sorted(chosen, key=lambda n: -n[2]):
+            seen = self.const({}, "P")  # id -> object: the frozen objects proven at this node
+            lines[start:end] = [f"        {flag} = {seen}.get(id({var})) is {var}", f"        if not {flag}:",
+                                *("    " + line for line in lines[start:end])]
+            learn.append(f"    if not {flag} and _frozen.get(id({var})) is {var} and len({seen}) < {MAX_FROZEN}:\n"
+                         f"        {seen}[id({var})] = {var}\n")
+        self.env["_frozen"] = self.frozen
+        guarded: dict[str, list[str]] = {}
+        for (block, strict), ref in zip(blocks, refs):
+            owner = next((c for c in chosen if ref and ref <= c[4]), None)
+            if owner is None:
+                lines += block
+                continue
+            if owner[1] not in guarded:
+                guarded[owner[1]] = []
+                lines.append(f"        if not {owner[1]}:")
+                lines.append(owner[1])  # a placeholder, replaced by the node's tests below
+            assert strict is not None
+            guarded[owner[1]] += ["    " + line for line in strict]
+        return [line for item in lines for line in guarded.get(item, [item])], learn
+
+    def value_tests(self) -> list[tuple[list[str], list[str] | None]]:
+        """The value tests as blocks of lines, each with its form on leaves alone (the same
+        lines, or None; see `test` and `frozen_guards`). The tests that read only a Coding or
+        CodeableConcept (its leaf tests, bindings, terminology) run once per distinct tuple of
+        its leaf values: a
         tuple that passed them all is remembered (tagged with the node: one set for all shapes,
         at most MEMO_LIMIT entries), and a later node with the same values skips them (the same
         codings recur on every row).
@@ -365,34 +431,38 @@ class _Compiler:
         that exact type; equal values of those types are the same value (unlike 1 == 1.0)."""
         memos = self.memo_nodes()
         groups: dict[tuple[Any, ...], list[str]] = {}
-        order: list[tuple[Any, ...] | str] = []
-        for path, condition in self.tests:
+        order: list[tuple[Any, ...] | list[Any]] = []  # a memo node's path, or [condition, strict]
+        for path, condition, strict in self.tests:
             node = None if path is None else next((m for m in memos if path[:len(m)] == m), None)
             if node is None:
-                order.append(f"if {condition}: return 2")
+                order.append([condition, strict])
                 continue
             if node not in groups:
                 groups[node] = []
                 order.append(node)
             groups[node].append(condition)
-        lines: list[str] = []
+        blocks: list[tuple[list[str], list[str] | None]] = []
         for item in order:
-            if isinstance(item, str):
-                lines.append("        " + item)
+            if isinstance(item, list):
+                condition, strict = item
+                blocks.append(([f"        if {condition}: return 2"],
+                               None if strict is None else [f"        if {strict}: return 2"]))
                 continue
             conditions = groups[item]
             if len(conditions) < 2:  # one test is no dearer than the memo lookup
-                lines.append(f"        if {conditions[0]}: return 2")
+                line = [f"        if {conditions[0]}: return 2"]
+                blocks.append((line, line))
                 continue
             tag = object()  # this node of this shape: its entries never match another node's
             self.node_tags.append(tag)
             key, memo = self.name("k"), self.const(self.memos.setdefault(NODE_MEMO, set()), "N")
             values = ", ".join(var for _, var, _ in memos[item])
-            lines.append(f"        {key} = ({self.const(tag, 'G')}, {values})")
-            lines.append(f"        if {key} not in {memo}:")
-            lines += [f"            if {condition}: return 2" for condition in conditions]
-            lines.append(f"            if len({memo}) < {MEMO_LIMIT}: {memo}.add({key})")
-        return lines
+            block = [f"        {key} = ({self.const(tag, 'G')}, {values})",
+                     f"        if {key} not in {memo}:",
+                     *(f"            if {condition}: return 2" for condition in conditions),
+                     f"            if len({memo}) < {MEMO_LIMIT}: {memo}.add({key})"]
+            blocks.append((block, block))
+        return blocks
 
     def memo_nodes(self) -> dict[tuple[Any, ...], list[tuple[tuple[Any, ...], str, Primitive]]]:
         """The outermost Coding / CodeableConcept nodes whose leaves are all str or bool, each
@@ -459,16 +529,18 @@ class _Compiler:
             if absent is not None and absent not in node:
                 continue  # the native prover holds whenever the key is absent, and the shape fixes that
             if inv.key == "ref-1" and isinstance(node.get("reference"), str):  # the common case, inline
-                self.test(f"{self.leaf_var((*path, 'reference'))}[:1] == '#' and not _inv({const}, {var}, r)", None)
+                ref = self.leaf_var((*path, 'reference'))
+                self.test(f"{ref}[:1] == '#' and not _inv({const}, {var}, r)", None, strict=f"{ref}[:1] == '#'")
             elif inv.key in _NON_NEGATIVE and type(node.get(absent)) in (int, float):
                 # tim-4/tim-5 on a number leaf (its JSON type fixed by the shape), inline
-                self.test(f"not ({self.leaf_var((*path, absent))} >= 0 or _inv({const}, {var}, r))", None)
+                number = self.leaf_var((*path, absent))
+                self.test(f"not ({number} >= 0 or _inv({const}, {var}, r))", None, strict=f"not {number} >= 0")
             elif inv.key == "con-5" and _codings(node.get("verificationStatus")):
                 # con-5's prover on the codes the shape has read: none of them says entered-in-error
                 status = (*path, "verificationStatus", "coding")
                 codes = " and ".join(f"{self.leaf_var((*status, i, 'code'))} != 'entered-in-error'"
                                      for i in range(len(node["verificationStatus"]["coding"])))
-                self.test(f"not (({codes}) or _inv({const}, {var}, r))", None)
+                self.test(f"not (({codes}) or _inv({const}, {var}, r))", None, strict=f"not ({codes})")
             elif native is not None:
                 self.test(f"not ({self.const(native, 'N')}({var}, r) or _inv({const}, {var}, r))", None)
             else:
@@ -493,6 +565,7 @@ class _Compiler:
             value = obj[key]
             sub = self.name("v")
             self.emit(f"{sub} = {var}[{key!r}]")
+            start = len(self.lines)
             if element.is_list:
                 if type(value) is not list or not value:
                     raise _Unsupported(key)  # let the model judge odd lists (empty, not a list)
@@ -501,10 +574,18 @@ class _Compiler:
                     item_var = self.name("v")
                     self.emit(f"{item_var} = {sub}[{i}]")
                     self.vars[(*path, key, i)] = item_var
+                    item_start = len(self.lines)
                     self.value(item_var, element.kind, item, (*path, key, i))
+                    self.note_frozen(item_var, item, item_start)
             else:
                 self.vars[(*path, key)] = sub
                 self.value(sub, element.kind, value, (*path, key))
+            self.note_frozen(sub, value, start)
+
+    def note_frozen(self, var: str, value: Any, start: int) -> None:
+        """Remember a node that is a frozen object, with the structure lines below it."""
+        if type(value) in (dict, list) and self.frozen.get(id(value)) is value:
+            self.frozen_nodes.append((var, start, len(self.lines)))
 
     def value(self, var: str, kind: Primitive | type, value: Any, path: tuple[Any, ...] = ()) -> None:
         self.nodes += 1
@@ -572,10 +653,18 @@ class FastStats:
 
 
 class FastPath:
-    """Compiled shape checks for one FHIR version; see the module docstring."""
+    """Compiled shape checks for one FHIR version; see the module docstring.
 
-    def __init__(self, rules: Rules | None = None) -> None:
+    `frozen`: objects (by id) that the caller shares between resources and that nobody ever
+    edits, such as the constant concepts and dosages of the import's mapper. A shape compiled
+    from a resource holding one of them checks that part of a later resource once per shape,
+    not once per resource, when it holds the very same object. The mapping is read when a
+    shape is compiled, so objects may be added to it later.
+    """
+
+    def __init__(self, rules: Rules | None = None, frozen: Mapping[int, Any] | None = None) -> None:
         self.rules = RuleChecks(rules) if rules is not None else None
+        self.frozen = frozen
         self.index = ModelIndex()
         self.memos: dict[str, set[Any]] = {}
         # the JSON keys of a resource (resourceType among them) -> its compiled shapes, most
@@ -624,7 +713,7 @@ class FastPath:
         if len(candidates) >= MAX_SHAPES_PER_KEY or declined >= MAX_SHAPES_PER_KEY or self._count >= MAX_SHAPES:
             return
         try:
-            shape = _Compiler(self.index, self.memos).compile(cls, resource, self.rules, trace)
+            shape = _Compiler(self.index, self.memos, self.frozen).compile(cls, resource, self.rules, trace)
         except (_Unsupported, RecursionError):
             self.stats.unsupported += 1
             self._declined[key] = declined + 1
@@ -700,6 +789,8 @@ _NON_NEGATIVE = frozenset({"tim-4", "tim-5"})
 
 
 _MISSING: Any = object()
+_VAR_REF = re.compile(r"\bv[0-9]+\b")  # the variables a generated line reads (`_Compiler.name("v")`)
+_VAR_SET = re.compile(r"\s*(v[0-9]+) = ")  # a generated line that sets one
 
 
 def _codings(concept: Any) -> bool:

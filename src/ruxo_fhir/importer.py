@@ -92,7 +92,8 @@ class _CaseBuilder:
 
     def __init__(self, mapping: MappingSpec, version: FhirVersion, *, share_constants: bool = False) -> None:
         self.mapper = ForwardMapper(mapping, share_constants=share_constants)
-        self.validator = Validator(version)
+        # the shared constants are never edited (share_constants' contract): checked once per shape
+        self.validator = Validator(version, frozen=self.mapper.constants)
         self.version = version
 
     def resources(self, record: CaseRecord, include_patient: bool) -> list[Resource]:

@@ -12,7 +12,7 @@ fast path cannot prove valid goes through the model again, which also words the 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +60,12 @@ def resource_label(resource: Resource) -> str:
 class Validator:
     """Validates resources of one FHIR version; returns problems rather than raising."""
 
-    def __init__(self, version: FhirVersion, *, fast: bool = True) -> None:
+    def __init__(self, version: FhirVersion, *, fast: bool = True, frozen: Mapping[int, Any] | None = None) -> None:
+        """`frozen`: objects shared by resources and never edited (see `FastPath`)."""
         self.version = version
         self._classes: dict[str, Any] = {}
         self.rules: Rules = rules_for(version)
-        self.fast: FastPath | None = FastPath(self.rules) if fast else None
+        self.fast: FastPath | None = FastPath(self.rules, frozen) if fast else None
 
     def _class(self, resource_type: str) -> Any:
         if resource_type not in self._classes:

@@ -49,14 +49,16 @@ def _copier(value: Any) -> Callable[[], Any]:
     return lambda: value
 
 
-def _constant(value: Any, share: bool) -> Callable[[], Any]:
+def _constant(value: Any, shared: dict[int, Any] | None) -> Callable[[], Any]:
     """A factory of a JSON value the mapping fixes (a concept, a category, a dosage).
 
-    Built once per mapper. `share`: every resource gets the very same object (for a caller
-    that only reads and serialises resources, as the import does: no copy per resource);
-    otherwise each call returns a fresh copy, so a caller may edit one resource safely.
+    Built once per mapper. `shared` (a dict, the mapper's `constants`): every resource gets the
+    very same object, registered there (for a caller that only reads and serialises resources,
+    as the import does: no copy per resource); None: each call returns a fresh copy, so a
+    caller may edit one resource safely.
     """
-    if share:
+    if shared is not None:
+        shared[id(value)] = value
         return lambda: value
     return _copier(value)
 
@@ -77,7 +79,10 @@ class ForwardMapper:
     def __init__(self, mapping: MappingSpec, *, share_constants: bool = False) -> None:
         self.m = m = mapping
         self.sys = sys_ = mapping.identifier_systems
-        self._share = share = share_constants
+        # the objects every resource shares (by id), for a validator to check once (see
+        # fastvalidate.FastPath); None: each resource gets its own copies
+        self.constants: dict[int, Any] | None = {} if share_constants else None
+        share = self.constants
         self._patient_ids: dict[str, str] = {}  # small memo (patients have several cases)
         self._patient_id = id_deriver("Patient", sys_.patient)
         self._statement_id = id_deriver("MedicationStatement", sys_.case)
@@ -200,7 +205,7 @@ class ForwardMapper:
         make = self._categories.get(code)
         if make is None:
             make = self._categories[code] = _constant(
-                [{"coding": [{"system": self.m.systems["observation_category"], "code": code}]}], self._share)
+                [{"coding": [{"system": self.m.systems["observation_category"], "code": code}]}], self.constants)
         return make()
 
     def _number(self, value: Decimal) -> int | float:
