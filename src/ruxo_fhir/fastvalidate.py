@@ -308,7 +308,7 @@ class _Compiler:
                  frozen: Mapping[int, Any] | None = None) -> None:
         self.index = index
         self.memos = memos
-        self.frozen = frozen or {}
+        self.frozen = frozen if frozen is not None else {}
         # nodes of the resource being compiled that hold a frozen object: (variable, first and
         # end index in `lines` of the structure lines below the node)
         self.frozen_nodes: list[tuple[str, int, int]] = []
@@ -420,10 +420,9 @@ class _Compiler:
         """The value tests as blocks of lines, each with its form on leaves alone (the same
         lines, or None; see `test` and `frozen_guards`). The tests that read only a Coding or
         CodeableConcept (its leaf tests, bindings, terminology) run once per distinct tuple of
-        its leaf values: a
-        tuple that passed them all is remembered (tagged with the node: one set for all shapes,
-        at most MEMO_LIMIT entries), and a later node with the same values skips them (the same
-        codings recur on every row).
+        its leaf values: a tuple that passed them all is remembered (tagged with the node: one
+        set for all shapes, at most MEMO_LIMIT entries), and a later node with the same values
+        skips them (the same codings recur on every row).
 
         Exact: every such test is a function of the node's leaves alone (invariants, which may
         read the root, are never memoised), the shape fixes the node's keys and list lengths,
