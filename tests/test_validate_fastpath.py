@@ -538,3 +538,27 @@ def test_the_import_shares_its_constants_with_the_validator_and_gets_the_same_ve
             resources, problem = builder.build(item.record, item.new_patient)
             assert problem is None
             assert [full(version).validate(copy.deepcopy(r)) for r in resources] == [[]] * len(resources)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_frozen_object_proven_at_one_node_is_checked_again_at_another(version: str) -> None:
+    """Proven means proven at that node of that shape: the same frozen concept moved to a node
+    with another binding (clinicalStatus -> verificationStatus), or nested frozen objects
+    (a frozen list holding a frozen dict), get the model's verdict on every pass."""
+    cond = first(version, "Condition", "onsetDateTime")
+    clinical, verification = copy.deepcopy(cond["clinicalStatus"]), copy.deepcopy(cond["verificationStatus"])
+    category = copy.deepcopy(cond["category"])
+    frozen: dict[int, Any] = {id(o): o for o in (clinical, verification, category, category[0])}
+    v = Validator(version, frozen=frozen)  # type: ignore[arg-type]
+    assert v.fast is not None
+    good = {**copy.deepcopy(cond), "clinicalStatus": clinical, "verificationStatus": verification,
+            "category": category}
+    swapped = {**good, "verificationStatus": clinical}  # a clinical status code where a verification one goes
+    inner = {**good, "category": [category[0]]}  # the frozen dict in a list that is not frozen
+    want = full(version).validate(copy.deepcopy(swapped))
+    assert want  # the binding of verificationStatus refuses it
+    for _ in range(3):  # from the second pass on, `good`'s objects are remembered at their nodes
+        assert v.validate(good) == []
+        assert v.fast.check(good) == OK
+        assert v.validate(swapped) == want
+        assert v.validate(inner) == full(version).validate(copy.deepcopy(inner)) == []

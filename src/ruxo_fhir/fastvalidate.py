@@ -23,10 +23,11 @@ resource is invalid; it only proves some resources valid, and everything else go
    provers, else fhirpathpy memoised on the values read) are checked per resource, and a failure
    there answers "not sure", so the slow path words the finding.
 
-5. Objects a caller shares between resources and never edits (`FastPath(frozen=...)`: the
-   import's constant concepts and dosages) are checked once per node of a shape: a node that
-   held one when the shape was compiled gets a guard, and once a whole check with an object
-   there passed, that object skips the node's structure and the tests reading only its leaves.
+5. Objects a caller shares between resources and never edits, nor anything inside them
+   (`FastPath(frozen=...)`: the import's constant concepts and dosages) are checked once per
+   node of a shape: a node that held one when the shape was compiled gets a guard, and once a
+   whole check with an object there passed, that object skips the node's structure and the
+   tests reading only its leaves.
 
 The verdict is therefore the model's verdict, only cheaper; the problems reported for an
 invalid resource always come from the model. The primitive type of each element is read from
@@ -655,10 +656,12 @@ class FastPath:
     """Compiled shape checks for one FHIR version; see the module docstring.
 
     `frozen`: objects (by id) that the caller shares between resources and that nobody ever
-    edits, such as the constant concepts and dosages of the import's mapper. A shape compiled
+    edits, deeply (nothing reachable from them changes either: an edit inside one would not be
+    seen), such as the constant concepts and dosages of the import's mapper. A shape compiled
     from a resource holding one of them checks that part of a later resource once per shape,
     not once per resource, when it holds the very same object. The mapping is read when a
-    shape is compiled, so objects may be added to it later.
+    shape is compiled, so objects may be added to it later; an object a shape has proven stays
+    proven there (and referenced) for the FastPath's life, even if it leaves the mapping.
     """
 
     def __init__(self, rules: Rules | None = None, frozen: Mapping[int, Any] | None = None) -> None:

@@ -61,7 +61,7 @@ class Validator:
     """Validates resources of one FHIR version; returns problems rather than raising."""
 
     def __init__(self, version: FhirVersion, *, fast: bool = True, frozen: Mapping[int, Any] | None = None) -> None:
-        """`frozen`: objects shared by resources and never edited (see `FastPath`)."""
+        """`frozen`: objects shared by resources and never edited, deeply (see `FastPath`)."""
         self.version = version
         self._classes: dict[str, Any] = {}
         self.rules: Rules = rules_for(version)
