@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"| {n:,} | {j} | {len(runs)} | {wall:.1f} | {floor_s:.2f} | {fmt_ratio(wall / floor_s, 10)} | "
                     f"{walls[len(walls) // 2] / floor_s:.2f}x | "
                     f"{cpu:.1f} | {floor_cpu:.2f} | {fmt_ratio(cpu / max(floor_cpu, 1e-9))} | {n / work:,.0f} | "
-                    f"{max(run[2]['tree_rss_mb'] for run in runs):.0f} MB ({r['procs']} procs) | "
+                    f"{max(run[2]['tree_rss_mb'] for run in runs):.0f} MB ({max(run[2]['procs'] for run in runs)} procs) | "
                     f"{max(run[2]['tree_pss_mb'] for run in runs):.0f} MB | "
                     f"{max(run[2]['max_rss_mb'] for run in runs):.0f} MB |")
                 with contextlib.suppress(OSError):
